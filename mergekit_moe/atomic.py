@@ -1,0 +1,105 @@
+"""Crash-safe writes: build everything in a staging directory next to the target, then ``os.replace``.
+
+An interrupted run leaves either the old state or the new one, never a mix. Staging directories
+are siblings of the target (same filesystem, so the rename is atomic) and are named
+``.<target>.staging-<random>`` so that leftovers are easy to recognise and clean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+STAGING_MARK = ".staging-"
+
+
+@contextlib.contextmanager
+def staging_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty staging directory; on success move it to ``target`` atomically.
+
+    On any exception the staging directory is removed and ``target`` is untouched.
+    If ``target`` exists and ``overwrite`` is true, the old directory is swapped out
+    (renamed aside, then deleted) only after the new one is complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists")
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
+    try:
+        yield stage
+        _fsync_tree(stage)
+        if target.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, aside / "old")
+            os.replace(stage, target)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(stage, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def dump_json(obj: Any) -> str:
+    """Canonical, human-readable JSON used for every format file we write."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, dump_json(obj))
+
+
+def leftover_staging(parent: str | os.PathLike) -> list[Path]:
+    """Staging or temp leftovers in ``parent`` (used by tests and ``registry gc``)."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    return [p for p in parent.iterdir() if p.name.startswith(".") and (STAGING_MARK in p.name or ".tmp-" in p.name or ".old-" in p.name)]
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,116 @@
+"""Shared rich consoles, the rich progress reporter, and table helpers for the CLI."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+#: results (tables, completions) go to stdout; progress and notices to stderr
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True)
+
+
+def quiet_libraries() -> None:
+    """Silence library progress bars and chatty loggers; our own bars say what happens."""
+    import logging
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "peft", "datasets", "huggingface_hub", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers.utils.logging as tl  # noqa: PLC0415  (imported lazily: slow)
+
+        tl.disable_progress_bar()
+        tl.set_verbosity_error()
+    except Exception:  # transformers not imported yet or API changed: not fatal
+        pass
+    try:
+        import datasets  # noqa: F401
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except Exception:
+        pass
+
+
+class RichReporter:
+    """``progress.Reporter`` rendered as rich progress bars on stderr."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or err_console
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=self.console, transient=False,
+        )
+        self._tasks: dict[str, int] = {}
+        self._started = False
+
+    def __enter__(self) -> "RichReporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._started:
+            self._progress.stop()
+            self._started = False
+
+    def start(self, task: str, total: int | None = None) -> None:
+        if not self._started:
+            self._progress.start()
+            self._started = True
+        self._tasks[task] = self._progress.add_task(task, total=total, metrics="")
+
+    def advance(self, task: str, n: int = 1, **metrics) -> None:
+        if task not in self._tasks:
+            self.start(task)
+        text = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        self._progress.update(self._tasks[task], advance=n, metrics=text)
+
+    def finish(self, task: str) -> None:
+        if task in self._tasks:
+            t = self._progress.tasks[self._tasks[task]]
+            if t.total is None:
+                self._progress.update(self._tasks[task], total=t.completed or 1, completed=t.completed or 1)
+            self._progress.stop_task(self._tasks[task])
+
+    def info(self, message: str) -> None:
+        self.console.print(f"[cyan]•[/] {message}", highlight=False)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    return t
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def now() -> float:
+    return time.perf_counter()

@@ -1,0 +1,60 @@
+"""atomic writes, hashing, base resolution and fingerprints."""
+
+import json
+
+import pytest
+
+from mergekit_moe import atomic, base
+from mergekit_moe.errors import ModelLoadError
+
+
+def test_staging_dir_commits_on_success(tmp_path):
+    target = tmp_path / "out"
+    with atomic.staging_dir(target) as stage:
+        (stage / "a.txt").write_text("hi")
+        assert not target.exists()
+    assert (target / "a.txt").read_text() == "hi"
+    assert atomic.leftover_staging(tmp_path) == []
+
+
+def test_staging_dir_leaves_nothing_on_crash(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic.staging_dir(target) as stage:
+            (stage / "a.txt").write_text("half")
+            raise RuntimeError("crash")
+    assert not target.exists()
+    assert atomic.leftover_staging(tmp_path) == []
+
+
+def test_staging_dir_overwrite_keeps_old_until_done(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic.staging_dir(target, overwrite=True):
+            raise RuntimeError("crash")
+    assert (target / "old.txt").read_text() == "old"
+    with atomic.staging_dir(target, overwrite=True) as stage:
+        (stage / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+
+
+def test_atomic_write_json(tmp_path):
+    atomic.atomic_write_json(tmp_path / "x.json", {"b": 1, "a": [1, 2]})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": [1, 2], "b": 1}
+
+
+def test_fingerprint_stable_and_sensitive(tiny_base, tiny_base_factory):
+    fp1 = base.fingerprint_of(tiny_base)
+    assert fp1 == base.fingerprint_of(str(tiny_base)) and len(fp1) == 64
+    other = tiny_base_factory("llama", layers=2)
+    assert base.fingerprint_of(other) != fp1
+
+
+def test_missing_base_is_one_line_error(tmp_path):
+    with pytest.raises(ModelLoadError) as ei:
+        base.load_config(tmp_path / "nothing-here")
+    assert "\n" not in str(ei.value)
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        base.load_config("someorg/not-cached-model")
