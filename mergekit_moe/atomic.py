@@ -31,6 +31,7 @@ def staging_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists")
     stage = Path(tempfile.mkdtemp(prefix=f".{target.name}{STAGING_MARK}", dir=target.parent))
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like a normal directory
     try:
         yield stage
         _fsync_tree(stage)
@@ -47,12 +48,19 @@ def staging_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
