@@ -276,3 +276,65 @@ def write_bundle(out_dir: str | os.PathLike, adapter_dir: str | os.PathLike, met
             shutil.copyfile(p, dst)
         b = finalize_dir(stage, meta)
     return Bundle(out, b.meta, b.files)
+
+
+def bundle_from_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, name: str, task: str,
+                        base: str | None = None, convert_pickle: bool = False, reporter=None, overwrite: bool = False,
+                        **meta_fields) -> Bundle:
+    """Turn any PEFT LoRA adapter directory into a bundle (what ``moemerge import`` does before registering).
+
+    Weights must be safetensors; pickle weights (``adapter_model.bin``...) are refused unless
+    ``convert_pickle`` (then loaded with ``torch.load(weights_only=True)`` and re-saved). The base
+    is ``base`` or the config's ``base_model_name_or_path``; when it can be found locally the
+    adapter is validated against it (modules, shapes, ranks) and fingerprinted. ``meta_fields``
+    are other ``ExpertMeta`` fields (version, description, tags, license, metrics...).
+    """
+    import tempfile
+
+    from .base import fingerprint_of, load_config
+    from .errors import ModelLoadError
+    from .lora import read_adapter, read_adapter_config
+    from .progress import ensure
+    from .validate import convert_pickle_adapter, pickle_weights, validate_adapter
+
+    rep = ensure(reporter)
+    src = Path(adapter_dir)
+    if not src.is_dir():
+        raise BundleError("adapter directory not found", where=str(src), hint="pass a directory written by PEFT save_pretrained")
+    cfg = read_adapter_config(src)
+    with tempfile.TemporaryDirectory(prefix=".import-", dir=Path(out_dir).parent if Path(out_dir).parent.exists() else None) as tmp:
+        work = Path(tmp)
+        shutil.copyfile(src / ADAPTER_CONFIG, work / ADAPTER_CONFIG)
+        if (src / ADAPTER_WEIGHTS).is_file() and not (src / ADAPTER_WEIGHTS).is_symlink():
+            shutil.copyfile(src / ADAPTER_WEIGHTS, work / ADAPTER_WEIGHTS)
+        else:
+            pickles = pickle_weights(src)
+            if not pickles:
+                raise BundleError(f"no {ADAPTER_WEIGHTS}", where=str(src), hint="is this a PEFT LoRA adapter directory?")
+            pick = next((p for p in pickles if p.stem == "adapter_model"), pickles[0])
+            if not convert_pickle:
+                raise UnsafeFileError(f"adapter weights {pick.name} are a pickle file; refusing to load them", where=str(pick),
+                                      hint="loading pickle can run arbitrary code: re-save with safetensors, or pass "
+                                           "--convert-pickle if you trust the file (it is then read with torch.load(weights_only=True))")
+            rep.info(f"converting {pick.name} to safetensors (torch.load weights_only=True)")
+            convert_pickle_adapter(pick, work / ADAPTER_WEIGHTS)
+        adapter = read_adapter(work)  # safetensors checks, dtypes, NaN/Inf, rank vs config
+        base_ref = base or cfg.get("base_model_name_or_path") or ""
+        fingerprint = ""
+        if base_ref:
+            try:
+                validate_adapter(adapter, load_config(base_ref), where=str(src))
+                fingerprint = fingerprint_of(base_ref)
+            except ModelLoadError:
+                if base:
+                    raise
+                rep.warn(f"base model {base_ref!r} is not available locally: the adapter was not validated against it "
+                         "and has no base fingerprint (pass --base)")
+        else:
+            rep.warn("the adapter names no base model and none was given: not validated (pass --base)")
+        hp = {k: cfg[k] for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules") if k in cfg}
+        if isinstance(hp.get("target_modules"), (list, set, tuple)):
+            hp["target_modules"] = sorted(hp["target_modules"])
+        hp.update(meta_fields.pop("hyperparameters", {}) or {})
+        meta = ExpertMeta(name=name, task=task, base_model=str(base_ref), base_fingerprint=fingerprint, hyperparameters=hp, **meta_fields)
+        return write_bundle(out_dir, work, meta, overwrite=overwrite)

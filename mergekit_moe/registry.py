@@ -224,6 +224,29 @@ class Registry:
             entry = self._store(con, src, meta, ckey)
         return entry
 
+    def import_adapter(self, path: str | os.PathLike, *, name: str | None = None, task: str | None = None,
+                       base: str | None = None, version: str | None = None, convert_pickle: bool = False,
+                       provenance: dict | None = None, reporter=None, **meta_fields) -> Entry:
+        """``moemerge import``: register a bundle, or any PEFT LoRA adapter directory as a new bundle.
+
+        ``meta_fields`` are further ``ExpertMeta`` fields (description, tags, license, metrics...).
+        """
+        from .bundle import bundle_from_adapter
+
+        path = Path(path)
+        if (path / EXPERT_JSON).is_file():
+            return self.add(path, name=name, version=version, provenance=provenance)
+        if not name or not task:
+            raise RegistryError("importing a plain PEFT adapter needs --name and --task", where=str(path))
+        if not NAME_RE.match(name):
+            raise RegistryError(f"invalid expert name {name!r}", hint="use letters, digits, '.', '_' or '-' (no '@', ':' or '/')")
+        self.store.mkdir(parents=True, exist_ok=True)
+        prov = {"source": f"local:{path.resolve()}", "imported_at": now_iso(), "verified": False, **(provenance or {})}
+        with tempfile.TemporaryDirectory(prefix=".import.staging-", dir=self.store) as tmp:
+            built = bundle_from_adapter(path, Path(tmp) / "bundle", name=name, task=task, base=base, convert_pickle=convert_pickle,
+                                        reporter=reporter, version=version or "1", provenance=prov, **meta_fields)
+            return self.add(built.path, version=version)
+
     def _store(self, con: sqlite3.Connection, src: Bundle, meta: ExpertMeta, ckey: str) -> Entry:
         from .modelcard import render_card
 
@@ -288,3 +311,11 @@ class Registry:
             for p in junk:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return junk
+
+
+def open_bundle(ref_or_path: str | os.PathLike, registry: Registry | None = None) -> Bundle:
+    """A bundle from a directory path (if it exists) or a registry reference (``name``, ``name@v``, ``sha256:...``)."""
+    p = Path(ref_or_path).expanduser()
+    if p.is_dir():
+        return read_bundle(p)
+    return (registry or Registry()).bundle(str(ref_or_path))
