@@ -153,7 +153,14 @@ class _Dumper(yaml.SafeDumper):
 
 def dump(data: Any) -> str:
     """YAML text for plain data (dicts keep their order), readable and loadable by :func:`load`."""
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100)
+    text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100)
+    try:
+        if load(text) == data:
+            return text
+    except YamlProblem:
+        pass
+    # raw unicode line breaks (U+0085, U+2028) do not survive unquoted; escape everything non-ASCII
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=False, default_flow_style=False, width=100)
 
 
 # --- checking loaded data against a schema, collecting every problem with its key path ------------
