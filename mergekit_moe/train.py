@@ -7,8 +7,15 @@ against ``dataclasses.fields(TrainConfig)``).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from .errors import TrainError
+from .progress import Reporter, ensure
 
 #: fields that only change how a run is observed or saved, not the adapter it produces
 _NON_RESULT_FIELDS = frozenset({"eval_every", "save_every", "keep_checkpoints"})
@@ -24,12 +31,12 @@ class TrainConfig:
     validation_data: str | None = None         # explicit validation file; else carved out of ``data``
     task: str | None = None                    # task label (defaults to the expert's task)
     rank: int = 8
-    alpha: float = 16
+    alpha: float = 16.0
     dropout: float = 0.05
     target_modules: list[str] | None = None    # None: per-architecture defaults (arch.default_target_modules)
     use_rslora: bool = False
     max_steps: int | None = None               # optimizer steps; overrides ``epochs`` when set
-    epochs: float = 1
+    epochs: float = 1.0
     lr: float = 2e-4
     batch_size: int = 8                        # global batch per optimizer micro-step (split across DDP ranks)
     grad_accum: int = 1
@@ -60,8 +67,6 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            from .errors import TrainError
-
             raise TrainError(f"unknown train setting(s): {', '.join(unknown)}", hint=f"known: {', '.join(sorted(names))}")
         return cls(**d)
 
@@ -77,3 +82,192 @@ class TrainResult:
     skipped: bool = False                       # True when the registry already held an identical expert
     registry_ref: str | None = None
     loss_curve: str | None = None
+
+
+# ----------------------------------------------------------------------------------- orchestration
+def default_run_dir(name: str, registry=None) -> Path:
+    """Where checkpoints and the final adapter of expert ``name`` live: ``<registry home>/runs/<name>``."""
+    from .registry import default_home
+
+    home = Path(registry.home) if registry is not None else default_home()
+    return home / "runs" / name
+
+
+def resolve_data(cfg: TrainConfig, root: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
+    """(train file, explicit validation file or None). A directory gives ``train.*`` and, if present, ``validation.*``."""
+    from .data import resolve_file, split_file
+
+    def rel(p: str) -> Path:
+        q = Path(os.path.expanduser(p))
+        return q if q.is_absolute() or root is None else Path(root) / q
+
+    data = rel(cfg.data)
+    train_file = resolve_file(data, "train")
+    if cfg.validation_data:
+        return train_file, resolve_file(rel(cfg.validation_data), "validation")
+    return train_file, split_file(data, "validation") if data.is_dir() else None
+
+
+def run_signature(base_fp: str, data_fp: str, cfg: TrainConfig) -> dict[str, Any]:
+    """What must match for a resume (or a skip): base, data content, result-deciding hyperparameters."""
+    return json.loads(json.dumps({"base_fingerprint": base_fp, "data_fingerprint": data_fp,
+                                  "hyperparameters": cfg.hyperparameters()}))
+
+
+def find_up_to_date(registry, name: str, signature: dict[str, Any]):
+    """The registry entry of ``name`` trained with this exact base, data and hyperparameters, or None."""
+    from .bundle import read_bundle
+
+    for entry in reversed(registry.find(name=name, base_fingerprint=signature["base_fingerprint"])):
+        meta = read_bundle(entry.path).meta
+        if (meta.data_fingerprint == signature["data_fingerprint"]
+                and json.loads(json.dumps(meta.hyperparameters)) == signature["hyperparameters"]):
+            return entry
+    return None
+
+
+def make_lora_model(model, cfg: TrainConfig, model_type: str):
+    """Wrap ``model`` with a fresh PEFT LoRA (targets default to the architecture's projections)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .arch import arch_for, default_target_modules
+
+    targets = list(cfg.target_modules) if cfg.target_modules else default_target_modules(model_type)
+    if not targets:
+        raise TrainError(f"no default LoRA target modules for model type {model_type!r}",
+                         hint="pass target_modules (e.g. --target-modules q_proj,v_proj)")
+    info = arch_for(model_type)
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      use_rslora=cfg.use_rslora, bias="none", task_type="CAUSAL_LM",
+                      fan_in_fan_out=bool(info and info.conv1d))
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model"
+        raise TrainError(f"LoRA target modules {targets} do not fit {model_type!r}: {str(exc).splitlines()[0]}",
+                         hint="check target_modules against the model's module names") from exc
+
+
+def train_expert(base_ref: str | os.PathLike, cfg: TrainConfig, *, name: str, task: str | None = None,
+                 out_dir: str | os.PathLike | None = None, registry=None, resume: bool = False, force: bool = False,
+                 reporter: Reporter | None = None, run_dir: str | os.PathLike | None = None,
+                 data_root: str | os.PathLike | None = None, description: str = "", tags: list[str] | None = None) -> TrainResult:
+    """Train one LoRA expert and write it as a bundle (``out_dir`` or ``<run_dir>/bundle``), registered if ``registry``.
+
+    ``resume``: continue from the newest complete checkpoint in ``run_dir`` (refused if the base, data or
+    hyperparameters changed, unless ``force``). Runs under ``torchrun`` use DDP; rank 0 writes everything.
+    """
+    import numpy as np
+    import torch
+
+    from . import base as basemod
+    from .data import data_fingerprint, load_rows, split_rows, tokenize_rows
+    from .errors import DataError
+    from .progress import NullReporter
+    from .train_ckpt import clear_checkpoints, latest_checkpoint, list_checkpoints, signature_diff
+    from .train_loop import barrier, pick_dtype, run_loop, setup_distributed
+
+    dist = setup_distributed()
+    rep = ensure(reporter) if dist.main else NullReporter()
+    task = task or cfg.task or name
+    if out_dir is not None and Path(out_dir).exists():
+        raise TrainError("output directory already exists", where=str(out_dir), hint="choose another --out or remove it")
+    train_file, val_file = resolve_data(cfg, data_root)
+    train_rows = load_rows(train_file, task=task)
+    if val_file is not None:
+        val_rows = load_rows(val_file, task=task)
+    else:
+        train_rows, val_rows = split_rows(train_rows, cfg.val_fraction)
+    data_fp = data_fingerprint([train_file, val_file])
+
+    bref = basemod.resolve_base(base_ref)
+    config = basemod.load_config(bref)
+    tok = basemod.load_tokenizer(bref)
+    signature = run_signature(basemod.base_fingerprint(config, tok), data_fp, cfg)
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(name, registry)
+
+    resume_ck = None
+    if resume:
+        resume_ck = latest_checkpoint(run_dir)
+        if resume_ck is None:
+            rep.info(f"no complete checkpoint in {run_dir}: starting from scratch")
+        else:
+            diff = signature_diff(resume_ck.state.get("signature", {}), signature)
+            if diff and not force:
+                raise TrainError(f"cannot resume: {', '.join(diff)} changed since the checkpoint", where=str(resume_ck.path),
+                                 hint="rerun without --resume to start over, or pass --force to resume anyway")
+            if diff:
+                rep.warn(f"resuming despite changed {', '.join(diff)} (--force)")
+            rep.info(f"resuming from step {resume_ck.step} ({resume_ck.path})")
+    elif list_checkpoints(run_dir) and dist.main:
+        rep.info(f"starting over: removing checkpoints of an earlier run in {run_dir} (use --resume to continue it)")
+        clear_checkpoints(run_dir)
+    barrier(dist)
+
+    train_set = tokenize_rows(train_rows, tok, cfg.max_length)
+    val_set = tokenize_rows(val_rows, tok, cfg.max_length)
+    cut = train_set.n_truncated + val_set.n_truncated
+    if cut:
+        dropped = train_set.n_dropped + val_set.n_dropped
+        rep.warn(f"{cut} of {len(train_rows) + len(val_rows)} rows are longer than max_length={cfg.max_length} and were cut"
+                 + (f"; {dropped} lost their whole answer and were dropped" if dropped else ""))
+    if not train_set.examples:
+        raise DataError("no training example has answer tokens left", where=str(train_file), hint="raise max_length")
+    rep.info(f"{len(train_set.examples)} training / {len(val_set.examples)} validation examples from {train_file}")
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    dtype = pick_dtype(cfg.dtype, dist.device)
+    model, _ = basemod.load_base(bref, dtype=dtype, with_tokenizer=False)
+    model.to(dist.device)
+    peft_model = make_lora_model(model, cfg, config.model_type)
+    label = f"train {name}"
+    loop = run_loop(peft_model=peft_model, cfg=cfg, train_examples=train_set.examples, val_examples=val_set.examples,
+                    pad_id=tok.pad_token_id, run_dir=run_dir, signature=signature, dist=dist, reporter=rep, label=label,
+                    resume_from=resume_ck)
+    metrics = {"train_loss": loop.train_loss, "val_loss": loop.val_loss, "steps": loop.step, "tokens": loop.tokens,
+               "target_tokens": loop.target_tokens, "wall_time_s": round(loop.wall_time_s, 3),
+               "tokens_per_s": round(loop.tokens / max(loop.wall_time_s, 1e-9), 1),
+               "train_examples": len(train_set.examples), "val_examples": len(val_set.examples),
+               "truncated_rows": cut, "processes": dist.world}
+    first_val = loop.history["val"][0][1] if loop.history.get("val") else None
+    if first_val is not None:
+        metrics["initial_val_loss"] = first_val
+    result = TrainResult(name=name, bundle_dir=None, metrics=metrics, data_fingerprint=data_fp)
+    if dist.main:
+        _write_outputs(result, peft_model=peft_model, loop=loop, cfg=cfg, run_dir=run_dir, out_dir=out_dir,
+                       registry=registry, base_ref=str(base_ref), signature=signature, task=task,
+                       files=[train_file, val_file], description=description, tags=tags or [], reporter=rep)
+    barrier(dist)
+    return result
+
+
+def _write_outputs(result: TrainResult, *, peft_model, loop, cfg: TrainConfig, run_dir: Path, out_dir, registry,
+                   base_ref: str, signature: dict, task: str, files: list, description: str, tags: list[str],
+                   reporter: Reporter) -> None:
+    """Final adapter, loss curve, bundle (atomic), registry entry."""
+    from . import __version__
+    from .atomic import staging_dir
+    from .bundle import ExpertMeta, write_bundle
+    from .plots import save_loss_curve
+
+    adapter_dir = run_dir / "adapter"
+    with staging_dir(adapter_dir, overwrite=True) as stage:
+        peft_model.save_pretrained(str(stage), safe_serialization=True)
+    png = save_loss_curve(loop.history, run_dir / "loss_curve.png", title=f"{result.name} ({task})")
+    meta = ExpertMeta(
+        name=result.name, task=task, base_model=base_ref, base_fingerprint=signature["base_fingerprint"],
+        description=description or f"LoRA expert for {task}, trained with moemerge train",
+        tags=sorted({"medical-moe", task, *tags}), hyperparameters=signature["hyperparameters"], metrics=result.metrics,
+        data_fingerprint=signature["data_fingerprint"], datasets=[str(f) for f in files if f],
+        provenance={"source": "moemerge train", "tool_version": __version__, "resumed_from_step": loop.resumed_from},
+    )
+    bundle_dir = Path(out_dir) if out_dir is not None else run_dir / "bundle"
+    write_bundle(bundle_dir, adapter_dir, meta, extra_files={"loss_curve.png": png}, overwrite=out_dir is None)
+    result.bundle_dir = str(bundle_dir)
+    result.loss_curve = str(png)
+    if registry is not None:
+        entry = registry.add(bundle_dir)
+        result.registry_ref = entry.ref
+        result.bundle_dir = str(entry.path)
+        reporter.info(f"registered {entry.ref} ({entry.path})")
