@@ -166,12 +166,13 @@ def load_target(target: str | None, *, base: str | None = None, registry=None, d
 
 def _load_checkpoint_target(target: str, path: Path, *, base, dtype, reporter: Reporter) -> Target:
     from .checkpoint import load_checkpoint
-    from .moe import attach as moe_attach
+    from .moe.attach import attach_moe
+    from .moe.routing import force_mixture, record_routing
 
     spec = load_checkpoint(path)
     base_ref = check_base(target, spec.base_model, spec.base_fingerprint, base)
     model, tok = _load_base(base_ref, dtype, target)
-    model = moe_attach.attach_moe(model, spec)
+    model = attach_moe(model, spec, tokenizer=tok)
     model.eval()
     tasks = {}
     for name, info in spec.experts.items():
@@ -182,12 +183,12 @@ def _load_checkpoint_target(target: str, path: Path, *, base, dtype, reporter: R
     @contextlib.contextmanager
     def base_mode() -> Iterator[None]:
         # all-zero expert weights: every gate is 0, so y = W x exactly (the base model)
-        with moe_attach.force_mixture(model, {name: 0.0 for name in spec.experts}):
+        with force_mixture(model, {name: 0.0 for name in spec.experts}):
             yield
 
     return Target(CHECKPOINT, target, str(base_ref), model, tok, adapter_params=int(spec.parameter_counts()["total"]),
                   spec=spec, expert_tasks=tasks, _base_mode=base_mode,
-                  _recorder=lambda: moe_attach.record_routing(model))
+                  _recorder=lambda: record_routing(model))
 
 
 def expert_weights(spec, layer: int, slot_weights) -> "Any":

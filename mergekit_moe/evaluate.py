@@ -140,6 +140,20 @@ def _batches(rows: list[dict], tok, cfg: EvalConfig):
         yield list(range(s, min(len(rows), s + cfg.loss_batch_size))), collate(exs[s:s + cfg.loss_batch_size], pad)
 
 
+def _forward(target: Target, b: dict):
+    """Teacher-forced logits (B, T, V). Sequence routing reads the prompt tokens only, as at generation."""
+    spec = target.spec
+    if spec is not None and spec.routing.granularity == "sequence":
+        from .moe.routing import sequence_mask
+
+        prompt = b["attention_mask"].bool() & (b["labels"] == IGNORE_INDEX)
+        empty = ~prompt.any(1)  # text rows have no prompt: their whole text is the sequence
+        prompt[empty] = b["attention_mask"].bool()[empty]
+        with sequence_mask(target.model, prompt.long()):
+            return target.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return target.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
 def row_losses(target: Target, rows: list[dict], cfg: EvalConfig, routing: dict | None, reporter: Reporter,
                task: str = "loss") -> list[tuple[float, int]]:
     """(summed answer-token NLL, n tokens) per row; records routing weights per row into ``routing``."""
@@ -150,10 +164,10 @@ def row_losses(target: Target, rows: list[dict], cfg: EvalConfig, routing: dict 
         with torch.no_grad():
             if routing is not None:
                 with target.record_routing() as rec:
-                    logits = target.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    logits = _forward(target, b)
                 _collect_routing(target, rec, b["attention_mask"], [rows[i] for i in idx], routing)
             else:
-                logits = target.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                logits = _forward(target, b)
         nll, n = _row_nll(logits, b["labels"])
         out.extend(zip(nll.tolist(), n.tolist()))
         reporter.advance(task, len(idx))
@@ -161,13 +175,17 @@ def row_losses(target: Target, rows: list[dict], cfg: EvalConfig, routing: dict 
 
 
 def _collect_routing(target: Target, rec, mask, rows: list[dict], acc: dict) -> None:
-    """Add each row's mean expert weights per layer (over its real tokens) to ``acc[task]``."""
-    import torch
+    """Add each row's mean expert weights per layer (over its real tokens) to ``acc[task]``.
 
+    ``rec.records[layer]`` holds one (pi, mask) per forward: pi (B, T, S) token / (B, 1, S) sequence routing.
+    """
     m = mask.float()
-    for layer, w in sorted(rec.weights().items()):
-        if w.dim() == 3:  # token routing: (B, T, n_slots) -> mean over real tokens
-            w = (w.float() * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+    for layer, recs in sorted(rec.records.items()):
+        pi = recs[-1][0].float()
+        if pi.shape[1] == m.shape[1] and pi.shape[1] > 1:  # token routing: mean over real tokens
+            w = (pi * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+        else:  # sequence routing: one mixture per row
+            w = pi[:, 0].expand(m.shape[0], -1)
         ew = expert_weights(target.spec, layer, w)  # (B, n_experts)
         for j, row in enumerate(rows):
             acc.setdefault(row["task"], {}).setdefault(layer, []).append(ew[j])
@@ -182,8 +200,8 @@ def general_shift(target: Target, rows: list[dict], cfg: EvalConfig, reporter: R
     for idx, b in _batches(rows, target.tokenizer, cfg):
         with torch.no_grad():
             with target.base_mode():
-                lb = target.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            lt = target.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                lb = _forward(target, b)
+            lt = _forward(target, b)
         pos = torch.zeros_like(b["labels"], dtype=torch.bool)
         pos[:, :-1] = b["labels"][:, 1:] != IGNORE_INDEX  # positions that predict an answer token
         k, n = M.token_kl_sum(lb, lt, pos)
@@ -272,7 +290,11 @@ def evaluate(target: Target, rows: list[dict], cfg: EvalConfig | None = None, *,
     elif cfg.retention:
         rep.warn(f"no rows of task {cfg.general_task!r}: retention skipped (add general probes or pass --probe FILE)")
 
-    routing = _routing_summary(target, routing_acc) if routing_acc is not None else None
+    tagged: dict[str, set] = {}
+    for r in rows:
+        if r.get("expert"):
+            tagged.setdefault(str(r["task"]), set()).add(r["expert"])
+    routing = _routing_summary(target, routing_acc, tagged) if routing_acc is not None else None
     tinfo = {"kind": target.kind, "name": target.name, "base_model": target.base_ref, "adapter_params": target.adapter_params}
     settings = {"data": data_label, "general_task": cfg.general_task, "max_length": cfg.max_length,
                 "max_new_tokens": cfg.max_new_tokens, "metric_overrides": dict(cfg.metric_overrides), "decoding": "greedy",
@@ -303,7 +325,7 @@ def _retention(target: Target, grows: list[dict], probes: list[dict], preds: dic
     return {**r.to_dict(), **shift}
 
 
-def _routing_summary(target: Target, acc: dict) -> dict[str, Any]:
+def _routing_summary(target: Target, acc: dict, acc_experts: dict[str, set]) -> dict[str, Any]:
     """Mean expert weight per task per layer, and routing accuracy (argmax expert == the row's expert)."""
     import torch
 
@@ -314,7 +336,9 @@ def _routing_summary(target: Target, acc: dict) -> dict[str, Any]:
     for task, per in acc.items():
         stack = torch.stack([torch.stack(per[L]) for L in layers])  # (layers, rows, experts)
         mean_w[task] = stack.mean(1).tolist()
-        own = [n for n in names if target.expert_tasks.get(n) == task]
+        # the row's expert: named by the recipe the rows came from, else the expert serving this task
+        tagged = {r for r in acc_experts.get(task, ()) if r in names}
+        own = sorted(tagged) or [n for n in names if target.expert_tasks.get(n) == task]
         if own:
             choice = stack.mean(0).argmax(-1)  # per row: the expert with the most weight over all layers
             per_task_acc[task] = float(sum(names[int(c)] in own for c in choice) / len(choice))
