@@ -83,6 +83,10 @@ class Recorder:
     def clear(self) -> None:
         self.records.clear()
 
+    def weights(self) -> dict[int, torch.Tensor]:
+        """The latest mixture per layer: {layer: (B, T, S) | (B, 1, S) | (1, 1, S)} (one forward's routing)."""
+        return {L: recs[-1][0] for L, recs in sorted(self.records.items())}
+
     def slot_names(self, layer: int) -> list[str]:
         return [s.name for s in self.spec.layers[layer].slots]
 
