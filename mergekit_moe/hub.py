@@ -182,7 +182,7 @@ def push(source: str | os.PathLike, repo_id: str, *, private: bool = False, revi
 def _stale_files(client: HubClient, ref: HubRef, commit: str, names: set[str]) -> list[str]:
     """Remote files of the pushed folder that the new upload no longer has (deleted in the same commit)."""
     out = []
-    for rel, _entry in client.tree(ref, commit).items():
+    for rel in client.tree(ref, commit, missing_ok=True):
         if rel in names or rel.split("/")[-1] in SKIPPED_NAMES:
             continue
         if not ref.subfolder and "/" in rel:

@@ -53,10 +53,12 @@ class HubClient:
         self.backoff_s = float(os.environ.get("MOEMERGE_HUB_BACKOFF", "1.0")) if backoff_s is None else backoff_s
 
     # -- calls --------------------------------------------------------------------------------
-    def call(self, fn: Callable, *args, what: str, retry: bool = True, ctx: dict | None = None, **kwargs) -> Any:
+    def call(self, fn: Callable, *args, what: str, retry: bool = True, retry_network: bool = True,
+             ctx: dict | None = None, **kwargs) -> Any:
         """Run ``fn``; retry transient failures; turn library errors into one-line ``HubError``s.
 
-        ``ctx`` (repo_id, revision, path) names what the error is about when ``fn``'s own
+        ``retry_network=False`` retries server errors only (downloads resume dropped connections
+        themselves). ``ctx`` (repo_id, revision, path) names what the error is about when ``fn``'s own
         arguments do not say it (e.g. a lambda).
         """
         ctx = ctx or {}
@@ -65,7 +67,7 @@ class HubClient:
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - classified below, re-raised typed
-                transient = _is_transient(exc)
+                transient = _is_transient(exc) and (retry_network or _status(exc) is not None)
                 if retry and transient and attempt < self.retries:
                     time.sleep(self.backoff_s * (2 ** attempt))
                     attempt += 1
@@ -81,7 +83,7 @@ class HubClient:
         if isinstance(exc, HubError):
             return exc
         where = self.endpoint
-        status = getattr(getattr(exc, "response", None), "status_code", None)
+        status = _status(exc)
         if isinstance(exc, e.OfflineModeIsEnabled):
             return HubError("offline mode is on (HF_HUB_OFFLINE=1)", where=what, hint="unset HF_HUB_OFFLINE to use the Hub")
         if isinstance(exc, e.RevisionNotFoundError):
@@ -107,6 +109,9 @@ class HubClient:
                             hint="the server has a problem; try again later")
         if status is not None:
             return HubError(f"{what}: HTTP {status} {_first_line(exc)}", where=where)
+        if _is_network(exc) and what.startswith("download"):
+            return HubError(f"{what[len('download '):]}: the download was interrupted ({_first_line(exc)})", where=where,
+                            hint="nothing was kept or registered; pull again")
         if _is_network(exc) or isinstance(exc, e.LocalEntryNotFoundError):
             return HubError(f"{what}: cannot reach the Hub ({type(exc).__name__}: {_first_line(exc)})", where=where,
                             hint="check the network and --endpoint/HF_ENDPOINT; set HF_HUB_OFFLINE=1 to work offline "
@@ -122,13 +127,24 @@ class HubClient:
             raise HubError(f"the Hub did not return a commit SHA for {ref.cli()} (got {sha!r})", where=self.endpoint)
         return sha
 
-    def tree(self, ref: HubRef, commit: str) -> dict[str, TreeFile]:
-        """Files under ``ref.subfolder`` at ``commit`` (recursive), keyed by path relative to the subfolder."""
+    def tree(self, ref: HubRef, commit: str, *, missing_ok: bool = False) -> dict[str, TreeFile]:
+        """Files under ``ref.subfolder`` at ``commit`` (recursive), keyed by path relative to the subfolder.
+
+        A missing subfolder is an error, or an empty listing with ``missing_ok`` (a first push).
+        """
+        from huggingface_hub.errors import RemoteEntryNotFoundError
         from huggingface_hub.hf_api import RepoFile
 
-        items = self.call(lambda: list(self.api.list_repo_tree(ref.repo_id, path_in_repo=ref.subfolder or None,
-                                                               recursive=True, revision=commit)),
-                          what=f"list files of {ref.cli()}",
+        def listing() -> list:
+            try:
+                return list(self.api.list_repo_tree(ref.repo_id, path_in_repo=ref.subfolder or None, recursive=True,
+                                                    revision=commit))
+            except RemoteEntryNotFoundError:
+                if missing_ok:
+                    return []
+                raise
+
+        items = self.call(listing, what=f"list files of {ref.cli()}",
                           ctx={"repo_id": ref.repo_id, "revision": commit, "path": ref.subfolder or None})
         pre = ref.subfolder + "/" if ref.subfolder else ""
         out: dict[str, TreeFile] = {}
@@ -147,7 +163,7 @@ class HubClient:
         filename = f"{ref.subfolder}/{rel}" if ref.subfolder else rel
         return self.call(hf_hub_download, ref.repo_id, filename=filename, revision=commit, local_dir=local_dir,
                          endpoint=self.endpoint, token=self.token, what=f"download {filename}",
-                         ctx={"path": filename})
+                         retry_network=False, ctx={"path": filename})
 
 
 def _arg(args: tuple, kwargs: dict, name: str) -> str | None:
@@ -171,10 +187,15 @@ def _is_network(exc: BaseException) -> bool:
     return False
 
 
+def _status(exc: BaseException) -> int | None:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
 def _is_transient(exc: Exception) -> bool:
     if type(exc).__name__ == "OfflineModeIsEnabled":
         return False
-    status = getattr(getattr(exc, "response", None), "status_code", None)
+    status = _status(exc)
     if status is not None:
         return status >= 500 or status == 429
     return _is_network(exc)
