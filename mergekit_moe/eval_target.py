@@ -90,13 +90,16 @@ def check_base(target: str, recorded_model: str, recorded_fp: str | None, base: 
     return base
 
 
-def _load_base(ref: str, dtype, hint_target: str):
+def _load_base(ref: str, dtype, target: str, given: str | None = None):
+    """Load a base; when it was recorded in the target (not given by the user), say so in the error."""
     from .base import load_base
 
+    if given is not None and str(given) == str(ref):
+        return load_base(ref, dtype=dtype)
     try:
         return load_base(ref, dtype=dtype)
     except ModelLoadError as exc:
-        raise ModelLoadError(f"cannot load the base model {ref!r} recorded for {hint_target}: {exc.what}",
+        raise ModelLoadError(f"cannot load the base model {ref!r} recorded in {target}: {exc.what}",
                              hint="pass --base with a local copy of that base") from exc
 
 
@@ -129,7 +132,7 @@ def load_target(target: str | None, *, base: str | None = None, registry=None, d
         ref = base if target is None else target
         if ref is None:
             raise EvalError("nothing to evaluate", hint="pass a TARGET (checkpoint, bundle, adapter) or --base MODEL")
-        model, tok = _load_base(ref, dtype, ref)
+        model, tok = _load_base(ref, dtype, ref, ref)
         return Target(BASE, str(ref), str(ref), model, tok)
 
     if kind == CHECKPOINT:
@@ -156,7 +159,7 @@ def load_target(target: str | None, *, base: str | None = None, registry=None, d
         if not base_ref:
             raise EvalError("the adapter does not name its base model", where=str(path), hint="pass --base MODEL")
         adapter_dir, tasks = path, {}
-    model, tok = _load_base(base_ref, dtype, str(target))
+    model, tok = _load_base(base_ref, dtype, str(target), base)
     model = _attach_peft(model, adapter_dir, str(target))
     model.eval()
     rep.info(f"loaded {kind} {target} on base {base_ref}")
@@ -171,7 +174,7 @@ def _load_checkpoint_target(target: str, path: Path, *, base, dtype, reporter: R
 
     spec = load_checkpoint(path)
     base_ref = check_base(target, spec.base_model, spec.base_fingerprint, base)
-    model, tok = _load_base(base_ref, dtype, target)
+    model, tok = _load_base(base_ref, dtype, target, base)
     model = attach_moe(model, spec, tokenizer=tok)
     model.eval()
     tasks = {}
