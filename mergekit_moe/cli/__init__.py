@@ -15,6 +15,7 @@ import sys
 import traceback
 
 import click
+from rich.markup import escape
 
 from .. import __version__
 from ..errors import MoeMergeError, UsageError
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     except MoeMergeError as e:
         if _STATE["debug"]:
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {e.one_line()}", highlight=False, soft_wrap=True)
+        # escape: messages name tensors as "[base_model.model...]", which rich would eat as markup
+        err_console.print(f"[bold red]error:[/] {escape(e.one_line())}", highlight=False, soft_wrap=True)
         sys.exit(2 if isinstance(e, UsageError) else 1)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -65,6 +67,6 @@ def main(argv: list[str] | None = None) -> None:
         if _STATE["debug"]:
             traceback.print_exc()
         msg = str(e).strip().split("\n")[0]
-        err_console.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {msg} (run with --debug for the traceback)",
+        err_console.print(f"[bold red]error:[/] unexpected {type(e).__name__}: {escape(msg)} (run with --debug for the traceback)",
                           highlight=False, soft_wrap=True, markup=True)
         sys.exit(1)
