@@ -41,7 +41,6 @@ HIDDEN_POOLS = {"last", "mean"}
 OUTPUT_DTYPES = {"float32", "bfloat16", "float16"}
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
-_HF_RE = re.compile(rf"^hf://(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[A-Za-z0-9_./-]+))?(?::(?P<sub>[^:@]+))?$")
 _REG_RE = re.compile(rf"^(?P<name>{_NAME})(?:@(?P<ver>[A-Za-z0-9_.+-]+))?$")
 _SHA_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -59,13 +58,15 @@ class SourceRef:
 def parse_source(text: str) -> SourceRef:
     """``name[@version]`` / ``sha256:<hex>`` (registry), a path (local PEFT dir) or ``hf://org/repo[@rev][:subfolder]``."""
     if text.startswith("hf://"):
-        m = _HF_RE.match(text)
-        if not m:
-            raise ValueError(f"bad Hub source {text!r}: expected hf://org/repo[@revision][:subfolder]")
-        sub = m.group("sub")
-        if sub is not None and (sub.startswith("/") or ".." in sub.split("/")):
-            raise ValueError(f"bad Hub subfolder {sub!r}: must be a relative path inside the repo")
-        return SourceRef("hf", m.group("repo"), m.group("rev"), sub)
+        # one grammar for Hub references across the project (refs.py); its errors become key-path problems
+        from .errors import MoeMergeError
+        from .refs import parse_ref
+
+        try:
+            ref = parse_ref(text)
+        except MoeMergeError as exc:
+            raise ValueError(f"bad Hub source {text!r}: {exc.what} (expected hf://org/repo[@revision][:subfolder])") from None
+        return SourceRef("hf", ref.repo_id, ref.revision, ref.subfolder or None)
     if "://" in text:
         raise ValueError(f"unsupported source scheme in {text!r}: use hf://, a registry name or a local path")
     if _SHA_RE.match(text):
@@ -254,6 +255,9 @@ def _build(c: Checker, d: dict, root: str) -> Recipe | None:
     names = [e.name for e in experts or []] + ([kexp.name] if kexp else [])
     seen: set[str] = set()
     for i, n in enumerate(names):
+        if n == "null":
+            c.add("knowledge_expert.name" if kexp and i == len(names) - 1 else f"experts[{i}].name",
+                  "the name 'null' is reserved for the null knowledge expert (the base model itself)")
         if n in seen:
             c.add("knowledge_expert.name" if kexp and i == len(names) - 1 else f"experts[{i}].name", f"duplicate expert name {n!r}")
         seen.add(n)
