@@ -19,10 +19,19 @@ def quiet_libraries() -> None:
     import logging
     import os
 
+    import sys
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # env vars quiet transformers/datasets when a command imports them later, so `--help`, `list`
+    # and `info` do not pay ~2 s for importing them here
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in ("transformers", "peft", "datasets", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" not in sys.modules and "datasets" not in sys.modules:
+        return
     try:
         import transformers.utils.logging as tl  # noqa: PLC0415  (imported lazily: slow)
 
