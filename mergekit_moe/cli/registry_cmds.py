@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import click
+from rich.markup import escape as esc  # user-supplied names/tags/paths must not be read as markup
 
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
 
@@ -23,16 +24,18 @@ def _provenance_text(prov: dict) -> str:
     src = str(prov.get("source", "?"))
     if prov.get("commit"):
         src += f"@{str(prov['commit'])[:10]}"
+    src = esc(src)
     mark = "[green]verified[/]" if prov.get("verified") is True else "[yellow]unverified[/]"
     return f"{src} ({mark})"
 
 
 def _fmt(v) -> str:
+    """A value as escaped rich text."""
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (list, tuple)):
-        return ", ".join(map(str, v))
-    return str(v)
+        return esc(", ".join(map(str, v)))
+    return esc(str(v))
 
 
 def _kv_table(title: str, rows) -> "object":
@@ -51,24 +54,24 @@ def _adapter_summary(bundle) -> list[tuple[str, str]]:
 
     cfg = read_adapter_config(bundle.path)
     targets = cfg.get("target_modules")
-    return [("peft type", f"{cfg.get('peft_type', 'LORA')} ({cfg.get('task_type', '?')})"),
-            ("rank r / alpha", f"{cfg.get('r')} / {cfg.get('lora_alpha')}" + ("  (rsLoRA)" if cfg.get("use_rslora") else "")),
+    return [("peft type", _fmt(f"{cfg.get('peft_type', 'LORA')} ({cfg.get('task_type', '?')})")),
+            ("rank r / alpha", _fmt(f"{cfg.get('r')} / {cfg.get('lora_alpha')}") + ("  (rsLoRA)" if cfg.get("use_rslora") else "")),
             ("rank pattern", _fmt(cfg.get("rank_pattern")) if cfg.get("rank_pattern") else "-"),
-            ("target modules", _fmt(sorted(targets)) if isinstance(targets, (list, tuple)) else str(targets))]
+            ("target modules", _fmt(sorted(targets)) if isinstance(targets, (list, tuple)) else _fmt(targets))]
 
 
 def _print_import(entry, bundle) -> None:
     from ._console import human_size, out_console
 
-    rows = [("expert", f"[bold]{entry.name}@{entry.version}[/]"), ("task", entry.task), ("digest", f"sha256:{entry.digest}"),
-            ("base model", entry.base_model or "[yellow]unknown[/]"),
+    rows = [("expert", f"[bold]{esc(entry.ref)}[/]"), ("task", _fmt(entry.task)), ("digest", f"sha256:{entry.digest}"),
+            ("base model", _fmt(entry.base_model) or "[yellow]unknown[/]"),
             ("base fingerprint", entry.base_fingerprint[:16] if entry.base_fingerprint else "[yellow]unknown (not validated)[/]")]
     rows += _adapter_summary(bundle)
-    rows += [("files", ", ".join(f"{k} ({human_size(v['size'])})" for k, v in sorted(bundle.files.items()))),
-             ("stored at", str(entry.path))]
+    rows += [("files", _fmt(", ".join(f"{k} ({human_size(v['size'])})" for k, v in sorted(bundle.files.items())))),
+             ("stored at", _fmt(entry.path))]
     out_console.print(_kv_table("Imported expert", rows))
-    out_console.print(f"[green]✓[/] use it as [bold]{entry.name}@{entry.version}[/] (or sha256:{entry.digest[:12]}) in a recipe; "
-                      f"`moemerge info {entry.name}` shows details")
+    out_console.print(f"[green]✓[/] use it as [bold]{esc(entry.ref)}[/] (or sha256:{entry.digest[:12]}) in a recipe; "
+                      f"`moemerge info {esc(entry.name)}` shows details")
 
 
 @click.command("import")
@@ -124,17 +127,17 @@ def list_cmd(task, base, tag) -> None:
                 pass  # not loadable here: match on the recorded base_model string only
         entries = [e for e in entries if e.base_model == base or any(e.base_fingerprint.startswith(f) for f in fps if f)]
     if not entries:
-        out_console.print(f"[dim]no experts{' match these filters' if (task or base or tag) else ' yet'} in {reg.home}[/]")
+        out_console.print(f"[dim]no experts{' match these filters' if (task or base or tag) else ' yet'} in {esc(str(reg.home))}[/]")
         out_console.print("[dim]add one with `moemerge import PATH --name NAME --task TASK` or `moemerge pull`[/]")
         return
     from rich.table import Table
 
-    t = Table(title=f"{len(entries)} expert{'s' if len(entries) != 1 else ''} in {reg.home}", title_justify="left", header_style="bold")
+    t = Table(title=f"{len(entries)} expert{'s' if len(entries) != 1 else ''} in {esc(str(reg.home))}", title_justify="left", header_style="bold")
     for col, kw in (("name", {"no_wrap": True, "style": "bold"}), ("ver", {"no_wrap": True}), ("task", {}),
                     ("digest", {"no_wrap": True}), ("base", {"overflow": "fold"}), ("tags", {}), ("source", {"overflow": "fold"})):
         t.add_column(col, **kw)
     for e in entries:
-        t.add_row(e.name, e.version, e.task, e.digest[:12], _short_base(e.base_model), ", ".join(e.tags) or "-",
+        t.add_row(esc(e.name), esc(e.version), esc(e.task), e.digest[:12], esc(_short_base(e.base_model)), esc(", ".join(e.tags)) or "-",
                   _short_source(e.provenance))
     out_console.print(t)
     out_console.print("[dim]details: moemerge info NAME\\[@VERSION]; reference in recipes as NAME, NAME@VERSION or sha256:DIGEST[/]")
@@ -170,24 +173,24 @@ def info_cmd(ref) -> None:
 
     b = open_bundle(ref, _registry())
     m = b.meta
-    rows = [("expert", f"[bold]{m.name}@{m.version}[/]"), ("task", m.task), ("description", m.description or "-"),
-            ("tags", _fmt(m.tags) or "-"), ("license", m.license), ("base model", m.base_model or "-"),
-            ("base fingerprint", m.base_fingerprint or "[yellow]unknown[/]"), ("digest", f"sha256:{b.digest}"),
-            ("created", m.created_at or "-"), ("path", str(b.path))]
+    rows = [("expert", f"[bold]{esc(m.name)}@{esc(m.version)}[/]"), ("task", _fmt(m.task)), ("description", _fmt(m.description) or "-"),
+            ("tags", _fmt(m.tags) or "-"), ("license", _fmt(m.license)), ("base model", _fmt(m.base_model) or "-"),
+            ("base fingerprint", _fmt(m.base_fingerprint) or "[yellow]unknown[/]"), ("digest", f"sha256:{b.digest}"),
+            ("created", _fmt(m.created_at) or "-"), ("path", _fmt(b.path))]
     if m.data_fingerprint:
-        rows.append(("data fingerprint", m.data_fingerprint))
+        rows.append(("data fingerprint", _fmt(m.data_fingerprint)))
     if m.datasets:
         rows.append(("datasets", _fmt(m.datasets)))
     out_console.print(_kv_table("Expert", rows))
     out_console.print(_kv_table("Adapter", _adapter_summary(b)))
     out_console.print(table("Files (sha256 from expert.json; `moemerge verify` re-checks them)", ["file", "size", "sha256"],
-                            [(k, human_size(v["size"]), v["sha256"]) for k, v in sorted(b.files.items())]))
+                            [(esc(k), human_size(v["size"]), esc(v["sha256"])) for k, v in sorted(b.files.items())]))
     if m.metrics:
-        out_console.print(table("Metrics", ["metric", "value"], [(k, _fmt(v)) for k, v in sorted(m.metrics.items())]))
+        out_console.print(table("Metrics", ["metric", "value"], [(esc(k), _fmt(v)) for k, v in sorted(m.metrics.items())]))
     if m.hyperparameters:
-        out_console.print(table("Hyperparameters", ["name", "value"], [(k, _fmt(v)) for k, v in sorted(m.hyperparameters.items())]))
+        out_console.print(table("Hyperparameters", ["name", "value"], [(esc(k), _fmt(v)) for k, v in sorted(m.hyperparameters.items())]))
     prov = [("source", _provenance_text(m.provenance))]
-    prov += [(k, _fmt(v)) for k, v in sorted(m.provenance.items()) if k not in ("source", "verified")]
+    prov += [(esc(k), _fmt(v)) for k, v in sorted(m.provenance.items()) if k not in ("source", "verified")]
     out_console.print(_kv_table("Provenance", prov))
 
 
@@ -201,7 +204,7 @@ def verify_cmd(ref, key) -> None:
 
     b = open_bundle(ref, _registry())
     b.verify()
-    msg = f"[green]✓[/] {b.meta.name}@{b.meta.version}: {len(b.files)} files match expert.json (sha256:{b.digest[:12]})"
+    msg = f"[green]✓[/] {esc(b.meta.name)}@{esc(b.meta.version)}: {len(b.files)} files match expert.json (sha256:{b.digest[:12]})"
     if key:
         from ..signing import verify_signature
 
@@ -217,7 +220,7 @@ def remove_cmd(ref) -> None:
     from ._console import out_console
 
     e = _registry().remove(ref)
-    out_console.print(f"removed {e.name}@{e.version} (sha256:{e.digest[:12]})")
+    out_console.print(f"removed {esc(e.ref)} (sha256:{e.digest[:12]})")
 
 
 @click.command("export")
@@ -235,7 +238,8 @@ def export_cmd(ref, out_dir, overwrite) -> None:
     if Path(out_dir).exists() and not overwrite:
         raise UsageError(f"{out_dir} already exists", hint="pass --overwrite or choose another directory")
     out = b.export(out_dir, overwrite=overwrite)
-    out_console.print(f"[green]✓[/] exported {b.meta.name}@{b.meta.version} to {out} (load with PeftModel.from_pretrained(base, {str(out)!r}))")
+    out_console.print(f"[green]✓[/] exported {esc(b.meta.name)}@{esc(b.meta.version)} to {esc(str(out))} "
+                      f"(load with PeftModel.from_pretrained(base, {esc(repr(str(out)))}))")
 
 
 def register(group: click.Group) -> None:
