@@ -178,7 +178,7 @@ def split_rows(rows: list[dict], val_fraction: float) -> tuple[list[dict], list[
     if val_fraction <= 0 or len(rows) < 2:
         return list(rows), []
     n_val = min(len(rows) - 1, max(1, round(len(rows) * val_fraction)))
-    order = sorted(range(len(rows)), key=lambda i: hashlib.sha256(f"{rows[i]['id']}#{i}".encode()).hexdigest())
+    order = sorted(range(len(rows)), key=lambda i: (hashlib.sha256(str(rows[i]["id"]).encode()).hexdigest(), i))
     val_idx = set(order[:n_val])
     return [r for i, r in enumerate(rows) if i not in val_idx], [r for i, r in enumerate(rows) if i in val_idx]
 

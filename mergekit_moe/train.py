@@ -271,3 +271,53 @@ def _write_outputs(result: TrainResult, *, peft_model, loop, cfg: TrainConfig, r
         result.registry_ref = entry.ref
         result.bundle_dir = str(entry.path)
         reporter.info(f"registered {entry.ref} ({entry.path})")
+
+
+def expert_signature(base_ref: str | os.PathLike, cfg: TrainConfig, data_root=None) -> dict[str, Any]:
+    """The run signature of training ``cfg`` on ``base_ref`` (reads only the data files, config and tokenizer)."""
+    from .base import fingerprint_of
+    from .data import data_fingerprint
+
+    train_file, val_file = resolve_data(cfg, data_root)
+    return run_signature(fingerprint_of(base_ref), data_fingerprint([train_file, val_file]), cfg)
+
+
+def train_recipe(recipe, *, registry, reporter: Reporter | None = None, resume: bool = False, force: bool = False,
+                 retrain: bool = False, only: list[str] | None = None) -> list[TrainResult]:
+    """Train every expert of ``recipe`` (a ``recipe.Recipe``) that has a ``train:`` block.
+
+    An expert whose registry entry already has the same base fingerprint, data fingerprint and
+    hyperparameters is skipped (``retrain`` trains it anyway). Relative data paths resolve against the
+    recipe's folder. ``resume``/``force`` are passed to :func:`train_expert`.
+    """
+    rep = ensure(reporter)
+    base_ref = str(recipe.resolve_path(recipe.base_model)) if recipe.resolve_path(recipe.base_model).exists() else recipe.base_model
+    specs = [e for e in recipe.experts if e.train is not None]
+    if recipe.knowledge_expert is not None and recipe.knowledge_expert.train is not None:
+        specs.append(recipe.knowledge_expert)
+    if only:
+        specs = [e for e in specs if e.name in only]
+    if not specs:
+        raise TrainError("the recipe declares no expert with a `train:` block", where=getattr(recipe, "root", None),
+                         hint="add `train: {data: ...}` to an expert, or use `moemerge train --base ... --data ...`")
+    results = []
+    for spec in specs:
+        cfg = TrainConfig.from_dict(dict(spec.train))
+        task = cfg.task or spec.name
+        signature = expert_signature(base_ref, cfg, recipe.root)
+        entry = find_up_to_date(registry, spec.name, signature)
+        if entry is not None and not retrain:
+            rep.info(f"{spec.name}: up to date ({entry.ref}: same base, data and hyperparameters), skipped")
+            results.append(TrainResult(name=spec.name, bundle_dir=str(entry.path), skipped=True,
+                                       data_fingerprint=signature["data_fingerprint"], registry_ref=entry.ref,
+                                       metrics=dict(read_bundle_meta(entry.path).metrics)))
+            continue
+        results.append(train_expert(base_ref, cfg, name=spec.name, task=task, registry=registry, reporter=rep,
+                                    resume=resume, force=force, data_root=recipe.root))
+    return results
+
+
+def read_bundle_meta(path):
+    from .bundle import read_bundle
+
+    return read_bundle(path).meta

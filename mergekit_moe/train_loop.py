@@ -238,6 +238,10 @@ def run_loop(*, peft_model, cfg, train_examples: list[dict], val_examples: list[
         peft_model.train()
         return float(acc[0] / acc[1].clamp(min=1))
 
+    if step == 0 and val_examples:  # the starting point of the validation curve
+        v0 = evaluate()
+        if v0 is not None:
+            history["val"].append([0, v0])
     reporter.start(label, total=total)
     if step:
         reporter.advance(label, step)
@@ -307,3 +311,14 @@ def _gather_rng(dist: Dist) -> list[dict[str, Any]]:
     out: list[Any] = [None] * dist.world
     tdist.all_gather_object(out, mine)
     return out
+
+
+def teardown_distributed() -> None:
+    """Leave the process group (if this process joined one)."""
+    try:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+    except Exception:  # best effort at exit
+        pass
