@@ -99,7 +99,7 @@ def _push_source(source: str | os.PathLike, registry) -> tuple[str, Path]:
     return "bundle", (registry or Registry()).resolve(str(source)).path
 
 
-def _stage_bundle(root: Path, stage: Path, ref: HubRef) -> list[str]:
+def _stage_bundle(root: Path, stage: Path, ref: HubRef) -> tuple[list[str], object]:
     """Copy a verified bundle with a refreshed model card; expert.json is rewritten to match it."""
     from .atomic import dump_json
     from .bundle import EXPERT_JSON, README, _expert_json, read_bundle  # noqa: PLC2701 (one format, one writer)
@@ -119,7 +119,7 @@ def _stage_bundle(root: Path, stage: Path, ref: HubRef) -> list[str]:
     files[README] = {"sha256": sha256_file(stage / README), "size": (stage / README).stat().st_size}
     (stage / EXPERT_JSON).write_text(dump_json(_expert_json(b.meta, files)), encoding="utf-8")
     read_bundle(stage).verify()  # the staged copy is what the Hub will serve: it must verify too
-    return sorted([*files, EXPERT_JSON])
+    return sorted([*files, EXPERT_JSON]), b.meta
 
 
 def hub_usage(ref: HubRef, meta) -> str:
@@ -149,27 +149,38 @@ def _stage_checkpoint(root: Path, stage: Path) -> list[str]:
 def push(source: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
          message: str | None = None, subfolder: str = "", endpoint: str | None = None, token: str | None = None,
          registry=None, reporter: Reporter | None = None) -> PushResult:
-    """Publish a bundle (path or registry ref) or a composed checkpoint directory to ``repo_id``."""
+    """Publish a bundle (path or registry ref) or a composed checkpoint directory to ``repo_id``.
+
+    Everything is checked and staged before the first request. The staging folder mirrors the
+    repo (``<subfolder>/...``), so stale files of the pushed folder are deleted and, for a first
+    push into a subfolder, a root model card (tags ``moemerge``...) is added in the same commit.
+    """
     rep = ensure(reporter)
     ref = parse_ref(f"{repo_id}{'@' + revision if revision else ''}{':' + subfolder if subfolder else ''}")
     kind, root = _push_source(source, registry)
     with tempfile.TemporaryDirectory(prefix=".moemerge-push-") as tmp:
         stage = Path(tmp) / "upload"
-        stage.mkdir()
-        names = _stage_bundle(root, stage, ref) if kind == "bundle" else _stage_checkpoint(root, stage)
+        folder = stage / ref.subfolder if ref.subfolder else stage
+        folder.mkdir(parents=True)
+        if kind == "bundle":
+            names, meta = _stage_bundle(root, folder, ref)
+            label = f"{meta.name}@{meta.version}"
+        else:
+            names, meta, label = _stage_checkpoint(root, folder), None, root.name
         client = HubClient(endpoint, token)  # nothing was sent before this point
-        rep.start("push", total=None)
+        rep.info(f"pushing {kind} {label} to {client.endpoint}/{ref.repo_id}")
         client.call(client.api.create_repo, ref.repo_id, private=private, exist_ok=True, what=f"create {ref.repo_id}")
         if ref.rev != "main":
             client.call(client.api.create_branch, ref.repo_id, branch=ref.rev, exist_ok=True, what=f"branch {ref.rev}")
         before = client.commit_of(ref)
-        stale = _stale_files(client, ref, before, set(names))
-        info = client.call(client.api.upload_folder, repo_id=ref.repo_id, folder_path=str(stage),
-                           path_in_repo=ref.subfolder or None, revision=ref.rev,
-                           commit_message=message or f"moemerge push {kind} {root.name}",
+        remote = client.tree(HubRef(ref.repo_id, ref.revision), before)  # whole repo, paths from the root
+        stale = _stale_files(ref, remote, set(names))
+        if ref.subfolder and meta is not None and "README.md" not in remote:
+            (stage / "README.md").write_text(root_card(ref, meta), encoding="utf-8")
+        info = client.call(client.api.upload_folder, repo_id=ref.repo_id, folder_path=str(stage), revision=ref.rev,
+                           commit_message=message or f"moemerge push {kind} {label}",
                            delete_patterns=[glob_escape(s) for s in stale] or None,
                            what=f"upload to {ref.repo_id}", retry=False)
-        rep.finish("push")
     commit = str(info.oid)
     changed = commit != before
     if not changed:
@@ -179,15 +190,32 @@ def push(source: str | os.PathLike, repo_id: str, *, private: bool = False, revi
                       commit, changed, names)
 
 
-def _stale_files(client: HubClient, ref: HubRef, commit: str, names: set[str]) -> list[str]:
-    """Remote files of the pushed folder that the new upload no longer has (deleted in the same commit)."""
+def root_card(ref: HubRef, meta) -> str:
+    """Card for the repo root when experts live in subfolders (the Hub reads tags from the root card only)."""
+    import yaml
+
+    from .modelcard import front_matter
+
+    fm = yaml.safe_dump(front_matter(meta), sort_keys=False, allow_unicode=True).strip()
+    return "\n".join([f"---\n{fm}\n---", "", f"# {ref.repo_id}", "",
+                      "moemerge expert bundles, one per subfolder (each a PEFT LoRA adapter with `expert.json`).", "",
+                      f"First expert: `{ref.subfolder}` ({meta.name}, task `{meta.task}`):", "", "```bash",
+                      f"moemerge pull {ref.repo_id}:{ref.subfolder}", "```", ""])
+
+
+def _stale_files(ref: HubRef, remote: dict, names: set[str]) -> list[str]:
+    """Repo paths of the pushed folder that the new upload no longer has (deleted in the same commit)."""
+    pre = ref.subfolder + "/" if ref.subfolder else ""
     out = []
-    for rel in client.tree(ref, commit, missing_ok=True):
+    for path in remote:
+        if not path.startswith(pre):
+            continue
+        rel = path[len(pre):]
         if rel in names or rel.split("/")[-1] in SKIPPED_NAMES:
             continue
         if not ref.subfolder and "/" in rel:
             continue  # a root push never touches other folders of the repo
-        out.append(rel)
+        out.append(path)
     return out
 
 
