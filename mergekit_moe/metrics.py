@@ -36,10 +36,19 @@ MAX_LABELS = 50
 MAX_LABEL_WORDS = 6
 
 
+_NUM_SIGN = re.compile(r"(?<![\w.])-(?=\d)")
+_NUM_POINT = re.compile(r"(?<=\d)\.(?=\d)")
+
+
 def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and English articles, collapse whitespace (SQuAD-style)."""
+    """Lower-case, drop punctuation and English articles, collapse whitespace (SQuAD-style).
+
+    Numbers keep their sign and decimal point (``-46`` is not ``46``, ``3.5`` is not ``3 5``).
+    """
     text = (text or "").lower()
+    text = _NUM_POINT.sub("\x01", _NUM_SIGN.sub("\x00", text))
     text = "".join(" " if ch in _PUNCT else ch for ch in text)
+    text = text.replace("\x00", "-").replace("\x01", ".")
     text = _ARTICLES.sub(" ", text)
     return _WS.sub(" ", text).strip()
 
@@ -170,7 +179,9 @@ def is_correct(prediction: str, gold: str, metric: str = ROUGE_L, labels: LabelS
     """Binary correctness of an answer, used for general-knowledge retention.
 
     Label tasks: the extracted label matches. Free text: the normalised gold appears as whole words
-    in the prediction's first line (``"Paris"`` in ``"The capital is Paris."``), or ROUGE-L >= threshold.
+    in the prediction's first line (``"Paris"`` in ``"The capital is Paris."``), or, for golds longer
+    than three words, ROUGE-L >= threshold (a one-word or numeric answer must be there exactly:
+    ROUGE's tokenizer would equate ``-46`` with ``46``).
     """
     if metric == ACCURACY:
         return score_prediction(prediction, gold, metric, labels) >= 1.0
@@ -178,7 +189,7 @@ def is_correct(prediction: str, gold: str, metric: str = ROUGE_L, labels: LabelS
     p = normalize_answer(first_line(prediction))
     if g and f" {g} " in f" {p} ":
         return True
-    return rouge_l(prediction, gold) >= threshold
+    return len(g.split()) > 3 and rouge_l(prediction, gold) >= threshold
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,10 @@ from mergekit_moe import metrics as M
 def test_normalize_and_exact_match():
     assert M.normalize_answer("  The Pneumonia. ") == "pneumonia"
     assert M.normalize_answer("Major -- (CYP3A4)") == "major cyp3a4"
+    # numbers keep sign and decimal point; hyphens between words do not
+    assert M.normalize_answer("-46.") == "-46" and M.normalize_answer("x = 3.5") == "x 3.5"
+    assert M.normalize_answer("L3-L4 well-known") == "l3 l4 well known"
+    assert M.exact_match("-46", "46") == 0.0 and M.exact_match("The answer: -46.", "the answer -46") == 1.0
     assert M.exact_match("Pneumonia.\nMore text the model rambled on with", "pneumonia") == 1.0
     assert M.exact_match("bronchitis", "pneumonia") == 0.0
     # empty prediction is wrong, not an error
@@ -103,6 +107,9 @@ def test_is_correct_for_free_text():
     assert not M.is_correct("Lyon", "Paris")
     assert not M.is_correct("Parisian food", "Paris")  # whole words only
     assert M.is_correct("water boils at 100 degrees", "Water boils at 100 degrees Celsius.")  # ROUGE-L 0.91
+    # short and numeric golds must appear exactly (ROUGE would equate -46 and 46)
+    assert M.is_correct("It is -46.", "-46") and not M.is_correct("46", "-46")
+    assert not M.is_correct("Paris France", "Paris, Texas")
     labels = M.LabelSet(("no", "yes"), "full")
     assert M.is_correct("Yes.", "yes", M.ACCURACY, labels)
     assert not M.is_correct("no", "yes", M.ACCURACY, labels)
