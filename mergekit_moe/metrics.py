@@ -84,13 +84,20 @@ class LabelSet:
         return normalize_answer(first_line(gold)) if self.mode == "full" else answer_head(gold)
 
     def extract(self, prediction: str) -> str:
-        """The label a prediction names: its head/first line if that is a label, else the label
-        mentioned earliest in its first line (longest wins at the same position), else ``""``."""
+        """The label a prediction names: its first line, head or second field if that is a label, else the label
+        mentioned earliest (longest wins at the same position), else ``""``.
+
+        ``full`` mode searches the first line (``"Diagnosis: meningitis"``); ``head`` mode searches only
+        the head, so a label word inside the explanation after the separator is never taken as the answer.
+        """
         line = first_line(prediction)
-        for cand in (normalize_answer(line), answer_head(line)):
+        head = answer_head(line)
+        parts = _HEAD_SPLIT.split(line, maxsplit=1)
+        nxt = answer_head(parts[1]) if len(parts) > 1 else ""  # "Interaction class: major (...)"
+        for cand in (normalize_answer(line), head, nxt):
             if cand in self.labels:
                 return cand
-        norm = f" {normalize_answer(line)} "
+        norm = f" {normalize_answer(line) if self.mode == 'full' else head} "
         best: tuple[int, int, str] | None = None
         for lab in self.labels:
             pos = norm.find(f" {lab} ") if lab else -1

@@ -83,6 +83,10 @@ def test_label_extraction_from_predictions():
     assert labels.extract("not sure\npneumonia") == ""
     # whole words only
     assert labels.extract("asthmatic bronchitis") == ""
+    # head mode: a label word in the explanation after the separator is not the answer
+    heads = M.LabelSet(("major", "moderate", "none"), "head")
+    assert heads.extract("minor: none of the major pathways") == ""
+    assert heads.extract("probably major: CYP3A4") == "major"
 
 
 def test_accuracy_scores_on_handmade_predictions():
