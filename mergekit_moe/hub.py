@@ -113,13 +113,15 @@ def _stage_bundle(root: Path, stage: Path, ref: HubRef) -> tuple[list[str], obje
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(b.file(rel), dst)
-    card = render_card(b.meta) + hub_usage(ref, b.meta)
+    meta = type(b.meta)(**b.meta.to_dict())
+    meta.provenance = {}  # local paths and pull records stay on this machine (not part of the digest)
+    card = render_card(meta) + hub_usage(ref, meta)
     (stage / README).write_text(card, encoding="utf-8")
     files = dict(b.files)
     files[README] = {"sha256": sha256_file(stage / README), "size": (stage / README).stat().st_size}
-    (stage / EXPERT_JSON).write_text(dump_json(_expert_json(b.meta, files)), encoding="utf-8")
+    (stage / EXPERT_JSON).write_text(dump_json(_expert_json(meta, files)), encoding="utf-8")
     read_bundle(stage).verify()  # the staged copy is what the Hub will serve: it must verify too
-    return sorted([*files, EXPERT_JSON]), b.meta
+    return sorted([*files, EXPERT_JSON]), meta
 
 
 def hub_usage(ref: HubRef, meta) -> str:

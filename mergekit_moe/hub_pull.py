@@ -86,7 +86,9 @@ def _verify_against_tree(ref: HubRef, rel: str, path: Path, tf: TreeFile) -> dic
     if tf.lfs_sha256 and digest != tf.lfs_sha256:
         raise IntegrityError(f"{rel} does not match the sha256 the Hub lists for it", where=ref.cli(),
                              hint="the download was modified in transit or by the server; nothing was registered")
-    if not tf.lfs_sha256 and tf.blob_id and git_blob_sha1(path) != tf.blob_id:
+    # regular files: the Hub lists the git blob sha1; accept a server that lists the sha256 instead
+    oid = (tf.blob_id or "").lower()
+    if not tf.lfs_sha256 and ((len(oid) == 40 and git_blob_sha1(path) != oid) or (len(oid) == 64 and digest != oid)):
         raise IntegrityError(f"{rel} does not match the git object id the Hub lists for it", where=ref.cli(),
                              hint="the download was modified in transit or by the server; nothing was registered")
     return {"sha256": digest, "size": size}

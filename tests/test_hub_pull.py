@@ -296,3 +296,26 @@ def test_concurrent_pulls_leave_one_entry(hub_env_lfs, expert_bundle, reg):
     assert errors == []
     assert len(reg.find()) == 1 and {r.entry.digest for r in results} == {reg.find()[0].digest}
     assert leftover_staging(reg.store) == []
+
+
+def test_subfolder_push_is_idempotent_and_drops_stale_files(hub_env_lfs, expert_bundle, tmp_path, reg):
+    from mergekit_moe.bundle import read_bundle, write_bundle
+
+    srv = hub_env_lfs.server
+    with_notes = tmp_path / "with-notes"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("trained on synthetic notes\n")
+
+    meta = read_bundle(expert_bundle[0]).meta
+    write_bundle(with_notes, expert_bundle[1], meta, extra_files={"notes.txt": notes})
+    a = _push(hub_env_lfs, with_notes, subfolder="experts/dx", private=True)
+    files = srv.repo(REPO).head().files
+    assert "experts/dx/notes.txt" in files and "README.md" in files  # root card so search finds the repo
+    assert srv.repo(REPO).private
+    assert "local:" not in files["experts/dx/expert.json"].data.decode()  # no local provenance leaks
+    b = _push(hub_env_lfs, with_notes, subfolder="experts/dx")
+    assert not b.changed and b.commit == a.commit
+    c = _push(hub_env_lfs, expert_bundle[0], subfolder="experts/dx")
+    assert c.changed and "experts/dx/notes.txt" not in srv.repo(REPO).head().files
+    got = _pull(hub_env_lfs, f"{REPO}:experts/dx", reg)
+    assert got.verified and "notes.txt" not in got.entry.provenance["files"]
