@@ -29,6 +29,8 @@ from .hashing import sha256_file, sha256_json
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 EXPERT_JSON = "expert.json"
+#: optional detached signature over the digest (signing.py); like expert.json it is not in the manifest
+SIGNATURE = "expert.sig"
 README = "README.md"
 BUNDLE_FORMAT_VERSION = 1
 #: expert.json larger than this is refused before parsing (real ones are a few KB)
@@ -118,7 +120,7 @@ def _manifest(root: Path) -> dict[str, dict]:
                 raise UnsafeFileError(f"{(rel_dir / d).as_posix()} is a symbolic link", where=str(root), hint="bundles hold regular files only")
         for n in sorted(names):
             rel = (rel_dir / n).as_posix()
-            if rel == EXPERT_JSON or (rel_dir == Path(".") and n in IGNORED_NAMES):
+            if rel in (EXPERT_JSON, SIGNATURE) or (rel_dir == Path(".") and n in IGNORED_NAMES):
                 continue
             p = _safe_file(root, rel, where=str(root))
             out[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
@@ -185,7 +187,7 @@ def _manifest_names(root: Path) -> list[str]:
     for dirpath, dirs, files in os.walk(root):
         rel_dir = Path(dirpath).relative_to(root)
         dirs[:] = [d for d in dirs if not (rel_dir == Path(".") and d in IGNORED_NAMES)]
-        names += [(rel_dir / n).as_posix() for n in files if not (rel_dir == Path(".") and (n in IGNORED_NAMES or n == EXPERT_JSON))]
+        names += [(rel_dir / n).as_posix() for n in files if not (rel_dir == Path(".") and (n in IGNORED_NAMES or n in (EXPERT_JSON, SIGNATURE)))]
     return names
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .atomic import dump_json, leftover_staging, staging_dir
-from .bundle import EXPERT_JSON, README, Bundle, ExpertMeta, compute_digest, now_iso, read_bundle
+from .bundle import EXPERT_JSON, README, SIGNATURE, Bundle, ExpertMeta, compute_digest, now_iso, read_bundle
 from .errors import RegistryError
 from .hashing import sha256_bytes
 
@@ -273,6 +273,9 @@ class Registry:
                     shutil.copyfile(src.file(rel), dst)
             d = {"format_version": 1, **meta.to_dict(), "files": files, "digest": digest}
             (stage / EXPERT_JSON).write_text(dump_json(d), encoding="utf-8")
+            sig = src.path / SIGNATURE
+            if digest == src.digest and sig.is_file() and not sig.is_symlink():
+                shutil.copyfile(sig, stage / SIGNATURE)  # still valid: it signs this very digest
             staged = read_bundle(stage)
             staged.verify()  # never rename a copy whose hashes do not verify
         try:

@@ -166,3 +166,51 @@ def test_hostile_front_matter_is_bounded():
     assert split_card("no front matter") == ({}, "no front matter")
     fm, body = split_card("---\nlibrary_name: peft\ntags: [a]\n---\n# Title\n")
     assert fm == {"library_name": "peft", "tags": ["a"]} and body == "# Title\n"
+
+
+def _keypair(tmp_path, name="k", kind="ec"):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    key = ec.generate_private_key(ec.SECP256R1()) if kind == "ec" else ed25519.Ed25519PrivateKey.generate()
+    priv, pub = tmp_path / f"{name}.pem", tmp_path / f"{name}.pub.pem"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+@pytest.mark.parametrize("kind", ["ec", "ed25519"])
+def test_sign_and_verify_signature(adapter_dir, tmp_path, kind):
+    from mergekit_moe.registry import Registry
+    from mergekit_moe.signing import sign_bundle, verify_signature
+
+    priv, pub = _keypair(tmp_path, kind=kind)
+    _other_priv, other_pub = _keypair(tmp_path, "other", kind=kind)
+    b = write_bundle(tmp_path / "b", adapter_dir, _meta())
+    with pytest.raises(IntegrityError, match="not signed"):
+        verify_signature(read_bundle(b.path), pub)
+    sign_bundle(read_bundle(b.path), priv)
+    read_bundle(b.path).verify()  # expert.sig is not an "extra file"
+    assert verify_signature(read_bundle(b.path), pub)["digest"] == b.digest
+    with pytest.raises(IntegrityError, match="another key"):
+        verify_signature(read_bundle(b.path), other_pub)
+    # the signature survives registration (same digest) and still verifies from the store
+    e = Registry().add(b.path)
+    assert verify_signature(Registry().bundle("diag"), pub)["digest"] == e.digest
+    # changing metadata changes the digest: the old signature no longer applies
+    d = json.loads((b.path / EXPERT_JSON).read_text())
+    d["metrics"] = {"exact_match": 0.99}
+    d.pop("digest")
+    (b.path / EXPERT_JSON).write_text(json.dumps(d))
+    with pytest.raises(IntegrityError, match="another bundle digest"):
+        verify_signature(read_bundle(b.path), pub)
+    # a tampered signature value is refused
+    b2 = write_bundle(tmp_path / "b2", adapter_dir, _meta())
+    sig = sign_bundle(read_bundle(b2.path), priv)
+    doc = json.loads(sig.read_text())
+    raw = bytearray(__import__("base64").b64decode(doc["signature"]))
+    raw[-1] ^= 1
+    doc["signature"] = __import__("base64").b64encode(bytes(raw)).decode()
+    sig.write_text(json.dumps(doc))
+    with pytest.raises(IntegrityError, match="does not verify"):
+        verify_signature(read_bundle(b2.path), pub)

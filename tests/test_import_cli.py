@@ -122,3 +122,22 @@ def test_remove_and_unknown_names(tiny_base, adapter):
     p = run_cli("remove", "diag", check=True)
     assert "removed diag@1" in p.stdout
     assert Registry().find() == []
+
+
+def test_sign_and_verify_with_key(tiny_base, adapter, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    (tmp_path / "pub.pem").write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    _import(adapter, tiny_base)
+    p = run_cli("verify", "diag", "--key", tmp_path / "pub.pem")
+    assert p.returncode == 1 and "not signed" in p.stderr
+    assert "signed diag@1" in run_cli("sign", "diag", "--key", tmp_path / "key.pem", check=True).stdout
+    assert "signature verified" in run_cli("verify", "diag", "--key", tmp_path / "pub.pem", check=True).stdout
+    assert "ecdsa-sha256" in _cli("info", "diag")
+    p = run_cli("sign", "diag", "--key", tmp_path / "pub.pem")  # a public key cannot sign
+    assert p.returncode == 1 and "not a PEM private key" in p.stderr

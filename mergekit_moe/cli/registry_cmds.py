@@ -177,6 +177,7 @@ def info_cmd(ref) -> None:
             ("tags", _fmt(m.tags) or "-"), ("license", _fmt(m.license)), ("base model", _fmt(m.base_model) or "-"),
             ("base fingerprint", _fmt(m.base_fingerprint) or "[yellow]unknown[/]"), ("digest", f"sha256:{b.digest}"),
             ("created", _fmt(m.created_at) or "-"), ("path", _fmt(b.path))]
+    rows.append(("signature", _signature_text(b)))
     if m.data_fingerprint:
         rows.append(("data fingerprint", _fmt(m.data_fingerprint)))
     if m.datasets:
@@ -194,6 +195,21 @@ def info_cmd(ref) -> None:
     out_console.print(_kv_table("Provenance", prov))
 
 
+def _signature_text(b) -> str:
+    from ..bundle import SIGNATURE
+    from ..errors import MoeMergeError
+    from ..signing import read_signature
+
+    if not (b.path / SIGNATURE).exists():
+        return "[dim]none[/]"
+    try:
+        doc = read_signature(b)
+    except MoeMergeError as exc:
+        return f"[red]unreadable[/] ({esc(exc.what)})"
+    state = "[yellow]not checked[/]: moemerge verify NAME --key PUB.pem" if doc.get("digest") == b.digest else "[red]stale (other digest)[/]"
+    return f"{esc(str(doc.get('algorithm')))}, key sha256:{esc(str(doc.get('public_key_sha256', ''))[:16])} ({state})"
+
+
 @click.command("verify")
 @click.argument("ref", metavar="NAME|PATH")
 @click.option("--key", "key", type=click.Path(exists=True, dir_okay=False), help="Also check the bundle's signature with this public key (PEM).")
@@ -208,9 +224,31 @@ def verify_cmd(ref, key) -> None:
     if key:
         from ..signing import verify_signature
 
-        verify_signature(b, Path(key))
-        msg += "; signature verified"
+        doc = verify_signature(b, Path(key))
+        msg += f"; signature verified ({esc(str(doc.get('algorithm')))}, key sha256:{esc(str(doc.get('public_key_sha256', ''))[:16])})"
     out_console.print(msg)
+
+
+@click.command("sign")
+@click.argument("ref", metavar="NAME|PATH")
+@click.option("--key", "key", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Private key (PEM; EC P-256/P-384 or Ed25519). Password of an encrypted key: $MOEMERGE_KEY_PASSWORD.")
+def sign_cmd(ref, key) -> None:
+    """Sign a bundle's digest with a local private key (writes expert.sig next to expert.json).
+
+    \b
+    Make a key pair with openssl:
+      openssl ecparam -genkey -name prime256v1 -noout -out key.pem
+      openssl ec -in key.pem -pubout -out pub.pem
+    Check it later with `moemerge verify NAME --key pub.pem`.
+    """
+    from ..registry import open_bundle
+    from ..signing import sign_bundle
+    from ._console import out_console
+
+    b = open_bundle(ref, _registry())
+    out = sign_bundle(b, Path(key))
+    out_console.print(f"[green]✓[/] signed {esc(b.meta.name)}@{esc(b.meta.version)} (sha256:{b.digest[:12]}) -> {esc(str(out))}")
 
 
 @click.command("remove")
@@ -244,5 +282,5 @@ def export_cmd(ref, out_dir, overwrite) -> None:
 
 def register(group: click.Group) -> None:
     """Add this module's commands to the ``moemerge`` group."""
-    for cmd in (import_cmd, list_cmd, info_cmd, verify_cmd, remove_cmd, export_cmd):
+    for cmd in (import_cmd, list_cmd, info_cmd, verify_cmd, sign_cmd, remove_cmd, export_cmd):
         group.add_command(cmd)
