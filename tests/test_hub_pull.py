@@ -319,3 +319,27 @@ def test_subfolder_push_is_idempotent_and_drops_stale_files(hub_env_lfs, expert_
     assert c.changed and "experts/dx/notes.txt" not in srv.repo(REPO).head().files
     got = _pull(hub_env_lfs, f"{REPO}:experts/dx", reg)
     assert got.verified and "notes.txt" not in got.entry.provenance["files"]
+
+
+def test_push_composed_checkpoint(hub_env_lfs, expert_bundle, tiny_base, tmp_path, reg):
+    from mergekit_moe.base import fingerprint_of
+    from mergekit_moe.checkpoint import save_checkpoint
+    from mergekit_moe.errors import BundleError
+    from mergekit_moe.lora import read_adapter
+    from mergekit_moe.moe.spec import MoeSpec
+
+    spec = MoeSpec.from_experts(str(tiny_base), fingerprint_of(tiny_base), {"dx": read_adapter(expert_bundle[1])},
+                                hidden_size=64, model_type="llama")
+    ck = save_checkpoint(spec, tmp_path / "ck", recipe_text="name: demo\n")
+    res = _push(hub_env_lfs, ck, repo="medorg/moe")
+    assert res.kind == "checkpoint" and res.changed
+    files = hub_env_lfs.server.repo("medorg/moe").head().files
+    assert files["moe_lora.safetensors"].data == (ck / "moe_lora.safetensors").read_bytes()
+    assert not _push(hub_env_lfs, ck, repo="medorg/moe").changed
+    with pytest.raises(BundleError, match="composed checkpoint"):
+        _pull(hub_env_lfs, "medorg/moe", reg)
+    (ck / "recipe.yaml").write_text("name: tampered\n")
+    hub_env_lfs.server.requests.clear()
+    with pytest.raises(IntegrityError):
+        _push(hub_env_lfs, ck, repo="medorg/moe")
+    assert hub_env_lfs.server.requests == []
