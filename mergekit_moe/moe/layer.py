@@ -74,7 +74,9 @@ class LayerRouter(nn.Module):
 
     def probs(self, h: torch.Tensor) -> torch.Tensor:
         """Mixture over slots for hidden states ``h`` (..., hidden) -> (..., S), float32."""
-        logits = self.linear(h.float()) / self.routing.temperature
+        logits = self.linear(h.float())
+        if self.routing.temperature != 1.0:
+            logits = logits / self.routing.temperature
         k = self.routing.top_k
         if k is not None and k < self.n_slots:
             # softmax over the top-k logits only = softmax then renormalise over the top k
