@@ -343,3 +343,14 @@ def test_push_composed_checkpoint(hub_env_lfs, expert_bundle, tiny_base, tmp_pat
     with pytest.raises(IntegrityError):
         _push(hub_env_lfs, ck, repo="medorg/moe")
     assert hub_env_lfs.server.requests == []
+
+
+def test_base_fingerprint_checked_when_base_given(hub_env_lfs, expert_bundle, tiny_base, tiny_base_factory, reg):
+    from mergekit_moe.errors import BaseMismatchError
+
+    _push(hub_env_lfs, expert_bundle[0])
+    other = tiny_base_factory("llama", layers=2)
+    with pytest.raises(BaseMismatchError, match="--base"):
+        _pull(hub_env_lfs, REPO, reg, base=str(other))
+    _assert_nothing_left(reg)
+    assert _pull(hub_env_lfs, REPO, reg, base=str(tiny_base)).verified
