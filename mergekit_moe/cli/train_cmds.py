@@ -19,14 +19,16 @@ def _results_table(results) -> None:
     rows = []
     for r in results:
         m = r.metrics or {}
-        rows.append([r.name, "skipped (up to date)" if r.skipped else "trained", _fmt(m.get("steps")),
-                     _fmt(m.get("initial_val_loss")), _fmt(m.get("train_loss")), _fmt(m.get("val_loss")),
-                     _fmt(m.get("tokens_per_s")), _fmt(m.get("wall_time_s")), r.registry_ref or r.bundle_dir or "-"])
-    out_console.print(table("training", ["expert", "status", "steps", "val loss (start)", "train loss", "val loss",
-                                         "tokens/s", "wall s", "registered as"], rows))
+        val = f"{_fmt(m.get('initial_val_loss'))} -> {_fmt(m.get('val_loss'))}" if m.get("val_loss") is not None else "-"
+        rows.append([r.name, "skipped" if r.skipped else "trained", _fmt(m.get("steps")), _fmt(m.get("train_loss")), val,
+                     _fmt(m.get("tokens_per_s")), _fmt(m.get("wall_time_s"))])
+    out_console.print(table("training", ["expert", "status", "steps", "train loss", "val loss", "tok/s", "wall s"], rows))
     for r in results:
+        where = f"{r.registry_ref} ({r.bundle_dir})" if r.registry_ref else str(r.bundle_dir)
+        note = " (up to date: same base, data and hyperparameters)" if r.skipped else ""
+        out_console.print(f"{r.name}: {where}{note}", highlight=False)
         if r.loss_curve and not r.skipped:
-            out_console.print(f"loss curve: {r.loss_curve}", highlight=False)
+            out_console.print(f"{r.name}: loss curve {r.loss_curve}", highlight=False)
 
 
 @click.command("train")
