@@ -216,6 +216,8 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
         raise FormatError("files manifest is missing or empty", where=f"{ej}: files")
     for rel, rec in files.items():
         check_relpath(rel, where=f"{ej}: files")
+        if rel in (EXPERT_JSON, SIGNATURE):
+            raise FormatError(f"{rel} cannot be listed in its own manifest", where=f"{ej}: files")
         if (not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str) or len(rec["sha256"]) != 64
                 or not isinstance(rec.get("size"), int) or isinstance(rec.get("size"), bool) or rec["size"] < 0):
             raise FormatError("manifest entry needs sha256 (64 hex) and size", where=f"{ej}: files.{rel}")

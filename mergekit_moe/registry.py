@@ -102,12 +102,23 @@ class Registry:
         self.db_path = self.home / "index.sqlite"
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, write: bool = True) -> sqlite3.Connection:
+        """A connection in autocommit mode (transactions are explicit). Reads never create or write anything."""
+        if not write:
+            con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=60, isolation_level=None)
+            con.row_factory = sqlite3.Row
+            return con
         self.store.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
         con.row_factory = sqlite3.Row
         con.executescript(_SCHEMA)
-        con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            con.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            con.close()
+            raise RegistryError(f"registry index has schema {row[0]}, this mergekit-moe reads {SCHEMA_VERSION}",
+                                where=str(self.db_path), hint="upgrade mergekit-moe")
         return con
 
     @contextmanager
@@ -130,8 +141,14 @@ class Registry:
     def _rows(self, sql: str = "", args: tuple = ()) -> list[Entry]:
         if not self.db_path.exists():
             return []
-        with closing(self._connect()) as con:
-            rows = con.execute(f"SELECT * FROM entries {sql}", args).fetchall()
+        with closing(self._connect(write=False)) as con:
+            try:
+                rows = con.execute(f"SELECT * FROM entries {sql}", args).fetchall()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return []  # created but never written (a crash before the first commit)
+                raise RegistryError(f"cannot read the registry index: {exc}", where=str(self.db_path),
+                                    hint="another process may hold it; retry, or check the file") from exc
         out = [self._entry(r) for r in rows]
         return sorted(out, key=lambda e: (e.name, _version_key(e.version)))
 

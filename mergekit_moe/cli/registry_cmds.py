@@ -184,8 +184,15 @@ def info_cmd(ref) -> None:
         rows.append(("datasets", _fmt(m.datasets)))
     out_console.print(_kv_table("Expert", rows))
     out_console.print(_kv_table("Adapter", _adapter_summary(b)))
-    out_console.print(table("Files (sha256 from expert.json; `moemerge verify` re-checks them)", ["file", "size", "sha256"],
-                            [(esc(k), human_size(v["size"]), esc(v["sha256"])) for k, v in sorted(b.files.items())]))
+    from rich.table import Table
+
+    ft = Table(title="Files (sha256 from expert.json; `moemerge verify` re-checks them)", title_justify="left", header_style="bold")
+    ft.add_column("file", no_wrap=True)
+    ft.add_column("size", no_wrap=True, justify="right")
+    ft.add_column("sha256", overflow="fold")
+    for k, v in sorted(b.files.items()):
+        ft.add_row(esc(k), human_size(v["size"]), esc(v["sha256"]))
+    out_console.print(ft)
     if m.metrics:
         out_console.print(table("Metrics", ["metric", "value"], [(esc(k), _fmt(v)) for k, v in sorted(m.metrics.items())]))
     if m.hyperparameters:
