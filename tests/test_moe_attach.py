@@ -206,3 +206,21 @@ def test_attach_errors(tiny_base, tiny_base_factory, experts):
     with pytest.raises(ValidationError, match="not found"):
         attach_moe(gpt2, spec)
     assert not is_attached(gpt2) and not is_attached(wide)
+
+
+def test_positional_mask_and_no_stale_mixture(tiny_base, experts):
+    """The decoder stack called with a positional attention mask routes like the keyword call; no mixture is kept."""
+    spec = _spec(tiny_base, experts, routing=Routing("sequence"))
+    for lay in spec.layers.values():
+        lay.router_weight.normal_(std=2.0)
+    model = attach_moe(_base(tiny_base), spec)
+    ids = _ids(2, 8, seed=9)
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    with torch.no_grad():
+        kw = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pos = model.model(ids, mask).last_hidden_state
+        nomask = model.model(ids).last_hidden_state
+    assert torch.allclose(kw, pos, atol=1e-6)
+    assert not torch.allclose(kw[0, :5], nomask[0, :5], atol=1e-4)  # the mask matters for row 0
+    assert all(model.model.layers[L].moe_router.pi is None for L in spec.layers)

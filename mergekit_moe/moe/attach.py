@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -124,8 +125,11 @@ def attach_moe(model: nn.Module, spec: MoeSpec, *, tokenizer=None) -> nn.Module:
         block.add_module("moe_router", router)
         routers[L] = router
         handles.append(block.register_forward_pre_hook(functools.partial(_layer_pre_hook, router), with_kwargs=True))
+        handles.append(block.register_forward_hook(functools.partial(_layer_post_hook, router)))
     for stack in sorted(stacks):
-        handles.append(names[stack].register_forward_pre_hook(functools.partial(_stack_pre_hook, state), with_kwargs=True))
+        mod = names[stack]
+        handles.append(mod.register_forward_pre_hook(functools.partial(_stack_pre_hook, state, _positional_index(mod)),
+                                                     with_kwargs=True))
     modules: dict[str, MoeLoraLinear] = {}
     originals: dict[str, nn.Module] = {}
     for mod_name, ml in sorted(spec.modules.items()):
@@ -208,8 +212,29 @@ def _layer_pre_hook(router: LayerRouter, module: nn.Module, args: tuple, kwargs:
     return None
 
 
-def _cache_len(kwargs: dict) -> int:
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+def _layer_post_hook(router: LayerRouter, module: nn.Module, args: tuple, output: Any):
+    # drop the mixture once the layer is done: no stale routing, no autograd graph kept alive
+    router.pi = None
+    return None
+
+
+def _positional_index(stack: nn.Module) -> dict[str, int]:
+    """Positions of ``attention_mask`` / ``cache`` in the stack's forward, for callers that pass them positionally."""
+    try:
+        params = list(inspect.signature(stack.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+    return {k: i for i, k in enumerate(params) if k in ("attention_mask", "cache", "past_key_values")}
+
+
+def _arg(name: str, args: tuple, kwargs: dict, pos: dict[str, int]):
+    if name in kwargs:
+        return kwargs[name]
+    i = pos.get(name)
+    return args[i] if i is not None and i < len(args) else None
+
+
+def _cache_len(cache) -> int:
     if cache is None:
         return 0
     get = getattr(cache, "get_seq_length", None)
@@ -219,8 +244,8 @@ def _cache_len(kwargs: dict) -> int:
         return 0
 
 
-def _stack_pre_hook(state: RoutingState, module: nn.Module, args: tuple, kwargs: dict):
-    mask = kwargs.get("attention_mask")
+def _stack_pre_hook(state: RoutingState, pos: dict[str, int], module: nn.Module, args: tuple, kwargs: dict):
+    mask = _arg("attention_mask", args, kwargs, pos)
     if mask is not None and mask.dim() != 2:
         mask = None  # a prepared 4-D mask: we cannot tell padding from it; fall back to all tokens
     state.attention_mask = mask
@@ -228,7 +253,8 @@ def _stack_pre_hook(state: RoutingState, module: nn.Module, args: tuple, kwargs:
         new_sequence = not state.gen_started
         state.gen_started = True
     else:
-        new_sequence = _cache_len(kwargs) == 0
+        cache = _arg("cache", args, kwargs, pos)
+        new_sequence = _cache_len(cache if cache is not None else _arg("past_key_values", args, kwargs, pos)) == 0
     if new_sequence:
         state.seq_cache.clear()
         state.seq_mask = mask
