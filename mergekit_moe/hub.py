@@ -174,8 +174,7 @@ def push(source: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         client.call(client.api.create_repo, ref.repo_id, private=private, exist_ok=True, what=f"create {ref.repo_id}")
         if ref.rev != "main":
             client.call(client.api.create_branch, ref.repo_id, branch=ref.rev, exist_ok=True, what=f"branch {ref.rev}")
-        before = client.commit_of(ref)
-        remote = client.tree(HubRef(ref.repo_id, ref.revision), before)  # whole repo, paths from the root
+        before, remote = _head(client, ref)
         stale = _stale_files(ref, remote, set(names))
         if ref.subfolder and meta is not None and "README.md" not in remote:
             (stage / "README.md").write_text(root_card(ref, meta), encoding="utf-8")
@@ -190,6 +189,20 @@ def push(source: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     tree = f"/tree/{ref.rev}/{ref.subfolder}" if (ref.subfolder or ref.rev != "main") else ""
     return PushResult(ref.repo_id, ref.rev, ref.subfolder, kind, f"{client.endpoint}/{ref.repo_id}{tree}".rstrip("/"),
                       commit, changed, names)
+
+
+def _head(client: HubClient, ref: HubRef) -> tuple[str | None, dict]:
+    """Commit SHA at the head of the branch and the whole repo's files (None, {} for a repo without commits)."""
+    from .errors import HubError
+
+    try:
+        before = client.commit_of(ref)
+    except HubError as exc:
+        # the real Hub always makes an initial commit; a minimal server may not: the upload creates it
+        if "not found" in exc.what or "commit SHA" in exc.what:
+            return None, {}
+        raise
+    return before, client.tree(HubRef(ref.repo_id, ref.revision), before, missing_ok=True)
 
 
 def root_card(ref: HubRef, meta) -> str:
