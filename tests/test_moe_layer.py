@@ -173,3 +173,11 @@ def test_module_alone_grad_and_inference_paths_agree():
     with torch.no_grad():
         ref2 = base(x2) + ((x2 @ A.T) * (torch.tensor([0.25, 0.75])[slot] * mod.rho)) @ B.T
         assert torch.allclose(mod(x2), ref2, atol=1e-5)
+
+
+def test_topk_is_exact_under_ties():
+    """A zero router (all logits equal) with top_k=2 still keeps exactly two slots, each weight 1/2."""
+    r = LayerRouter(0, torch.zeros(4, 8), None, Routing("token", top_k=2), RoutingState())
+    pi = r.probs(torch.randn(3, 5, 8))
+    assert torch.equal((pi > 0).sum(-1), torch.full((3, 5), 2))
+    assert torch.allclose(pi.sum(-1), torch.ones(3, 5)) and torch.allclose(pi.max(-1).values, torch.full((3, 5), 0.5))

@@ -79,9 +79,10 @@ class LayerRouter(nn.Module):
             logits = logits / self.routing.temperature
         k = self.routing.top_k
         if k is not None and k < self.n_slots:
-            # softmax over the top-k logits only = softmax then renormalise over the top k
-            kth = logits.topk(k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            # softmax over the top-k logits only = softmax then renormalise over the top k;
+            # exactly k slots even under ties (a zero-initialised router has all logits equal)
+            top = logits.topk(k, dim=-1)
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
         return torch.softmax(logits, dim=-1)
 
     def compute(self, hidden: torch.Tensor) -> torch.Tensor:
