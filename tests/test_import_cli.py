@@ -122,6 +122,8 @@ def test_remove_and_unknown_names(tiny_base, adapter):
     p = run_cli("remove", "diag", check=True)
     assert "removed diag@1" in p.stdout
     assert Registry().find() == []
+    (Registry().store / ".deadbeef.staging-x").mkdir()  # what a killed import leaves behind
+    assert "removed 1 leftover" in _cli("gc") and "nothing to clean" in _cli("gc")
 
 
 def test_sign_and_verify_with_key(tiny_base, adapter, tmp_path):

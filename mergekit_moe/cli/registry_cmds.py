@@ -74,7 +74,7 @@ def _print_import(entry, bundle) -> None:
                       f"`moemerge info {esc(entry.name)}` shows details")
 
 
-@click.command("import")
+@click.command("import", short_help="Import a PEFT LoRA adapter (or a bundle) into the registry.")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--name", help="Expert name in the registry (letters, digits, . _ -). Required for a plain PEFT adapter.")
 @click.option("--task", help="Task the expert was trained for, e.g. diagnosis. Required for a plain PEFT adapter.")
@@ -105,7 +105,7 @@ def import_cmd(path, name, task, base, version, description, tags, license_, con
     _print_import(entry, reg.bundle(f"sha256:{entry.digest}"))
 
 
-@click.command("list")
+@click.command("list", short_help="List the experts in the local registry.")
 @click.option("--task", help="Only experts for this task.")
 @click.option("--base", "base", metavar="MODEL", help="Only experts for this base (a model reference, its base_model string, or a fingerprint).")
 @click.option("--tag", help="Only experts with this tag.")
@@ -161,7 +161,7 @@ def _short_source(prov: dict) -> str:
     return f"{kind} {mark}"
 
 
-@click.command("info")
+@click.command("info", short_help="Show an expert: metadata, files and hashes, provenance.")
 @click.argument("ref", metavar="NAME|PATH")
 def info_cmd(ref) -> None:
     """Show an expert: metadata, adapter config, files with hashes, metrics, provenance.
@@ -217,7 +217,7 @@ def _signature_text(b) -> str:
     return f"{esc(str(doc.get('algorithm')))}, key sha256:{esc(str(doc.get('public_key_sha256', ''))[:16])} ({state})"
 
 
-@click.command("verify")
+@click.command("verify", short_help="Re-hash a bundle's files (and check its signature).")
 @click.argument("ref", metavar="NAME|PATH")
 @click.option("--key", "key", type=click.Path(exists=True, dir_okay=False), help="Also check the bundle's signature with this public key (PEM).")
 def verify_cmd(ref, key) -> None:
@@ -236,7 +236,7 @@ def verify_cmd(ref, key) -> None:
     out_console.print(msg)
 
 
-@click.command("sign")
+@click.command("sign", short_help="Sign a bundle with a local private key.")
 @click.argument("ref", metavar="NAME|PATH")
 @click.option("--key", "key", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Private key (PEM; EC P-256/P-384 or Ed25519). Password of an encrypted key: $MOEMERGE_KEY_PASSWORD.")
@@ -258,7 +258,7 @@ def sign_cmd(ref, key) -> None:
     out_console.print(f"[green]✓[/] signed {esc(b.meta.name)}@{esc(b.meta.version)} (sha256:{b.digest[:12]}) -> {esc(str(out))}")
 
 
-@click.command("remove")
+@click.command("remove", short_help="Remove an expert from the local registry.")
 @click.argument("ref", metavar="NAME")
 def remove_cmd(ref) -> None:
     """Remove an expert from the local registry (NAME: `name`, `name@version` or `sha256:<prefix>`)."""
@@ -268,7 +268,7 @@ def remove_cmd(ref) -> None:
     out_console.print(f"removed {esc(e.ref)} (sha256:{e.digest[:12]})")
 
 
-@click.command("export")
+@click.command("export", short_help="Write an expert as a plain PEFT adapter directory.")
 @click.argument("ref", metavar="NAME")
 @click.argument("out_dir", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace DIR if it exists.")
@@ -287,7 +287,19 @@ def export_cmd(ref, out_dir, overwrite) -> None:
                       f"(load with PeftModel.from_pretrained(base, {esc(repr(str(out)))}))")
 
 
+@click.command("gc", short_help="Delete leftovers of interrupted imports from the registry.")
+def gc_cmd() -> None:
+    """Delete staging directories and unindexed store directories left by interrupted imports.
+
+    They are already invisible to every command; this only frees the disk space.
+    """
+    from ._console import out_console
+
+    junk = _registry().gc()
+    out_console.print(f"removed {len(junk)} leftover{'s' if len(junk) != 1 else ''}" if junk else "nothing to clean")
+
+
 def register(group: click.Group) -> None:
     """Add this module's commands to the ``moemerge`` group."""
-    for cmd in (import_cmd, list_cmd, info_cmd, verify_cmd, sign_cmd, remove_cmd, export_cmd):
+    for cmd in (import_cmd, list_cmd, info_cmd, verify_cmd, sign_cmd, remove_cmd, export_cmd, gc_cmd):
         group.add_command(cmd)
