@@ -202,7 +202,10 @@ def _head(client: HubClient, ref: HubRef) -> tuple[str | None, dict]:
         if "not found" in exc.what or "commit SHA" in exc.what:
             return None, {}
         raise
-    return before, client.tree(HubRef(ref.repo_id, ref.revision), before, missing_ok=True)
+    try:
+        return before, client.tree(HubRef(ref.repo_id, ref.revision), before, missing_ok=True)
+    except HubError:
+        return before, {"README.md": None}  # no listing: upload without deleting anything or adding a root card
 
 
 def root_card(ref: HubRef, meta) -> str:

@@ -131,9 +131,10 @@ def parse_front_matter(readme: bytes, limit: int = 64 * 1024) -> dict:
 class HubState:
     """All repos, tokens, LFS objects and test knobs; shared by the handler threads."""
 
-    def __init__(self, tokens: dict[str, tuple[str, list[str]]], upload_mode: str):
+    def __init__(self, tokens: dict[str, tuple[str, list[str]]], upload_mode: str, redirect_lfs: bool = False):
         self.tokens = tokens
         self.upload_mode = upload_mode  # "lfs": binary files go through LFS; "regular": everything inline
+        self.redirect_lfs = redirect_lfs  # answer LFS downloads with a 302 to another origin, like the Hub's CDN
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.lock = threading.RLock()
@@ -173,9 +174,9 @@ class HubServer:
     """Start/stop wrapper with the test knobs. ``url`` is the endpoint to give the client."""
 
     def __init__(self, *, tokens: dict[str, tuple[str, list[str]]] | None = None, upload_mode: str = "lfs",
-                 host: str = "127.0.0.1", port: int = 0):
+                 redirect_lfs: bool = False, host: str = "127.0.0.1", port: int = 0):
         self.state = HubState(tokens or {"hf_test_write": ("alice", ["medorg"]), "hf_test_bob": ("bob", [])},
-                              upload_mode)
+                              upload_mode, redirect_lfs)
         handler = type("BoundHubHandler", (HubHandler,), {"state": self.state})
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -364,6 +365,7 @@ class HubHandler(BaseHTTPRequestHandler):
         ("POST", rf"^/api/(?P<t>models|datasets|spaces)/{_REPO}/tag/(?P<rev>[^/]+)$", "create_tag"),
         ("POST", rf"^/(?:(?P<t>datasets|spaces)/)?{_REPO}\.git/info/lfs/objects/batch$", "lfs_batch"),
         ("PUT", r"^/lfs-objects/(?P<oid>[0-9a-f]{64})$", "lfs_put"),
+        ("GETHEAD", r"^/lfs-objects/(?P<oid>[0-9a-f]{64})$", "lfs_get"),
         ("GETHEAD", rf"^/(?:(?P<t>datasets|spaces)/)?{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", "resolve"),
     ]
 
@@ -573,6 +575,14 @@ class HubHandler(BaseHTTPRequestHandler):
                         trunc = None
         data = tamper(blob.data) if (tamper and self.command == "GET") else blob.data
         etag = f'"{blob.sha256 if blob.lfs else blob.git_oid}"'
+        if blob.lfs and st.redirect_lfs:
+            # the Hub sends LFS content from a CDN on another origin (the client drops Authorization there)
+            with st.lock:
+                st.lfs_objects.setdefault(blob.sha256, blob.data)
+            cdn = f"http://localhost:{self.server.server_address[1]}/lfs-objects/{blob.sha256}"
+            self._send(302, b"", {"Location": cdn, "X-Repo-Commit": commit.oid, "ETag": etag, "X-Linked-Etag": etag,
+                                  "X-Linked-Size": len(blob.data)}, "text/plain")
+            return
         headers = {"X-Repo-Commit": commit.oid, "ETag": etag, "Accept-Ranges": "bytes"}
         if blob.lfs:
             headers.update({"X-Linked-Etag": etag, "X-Linked-Size": len(blob.data)})
@@ -687,6 +697,15 @@ class HubHandler(BaseHTTPRequestHandler):
         with self.state.lock:
             self.state.lfs_objects[oid] = body
         self._send(200, b"", ctype="text/plain")
+
+    def r_lfs_get(self, body, oid):
+        if self.headers.get("Authorization"):
+            raise HubError(400, "the CDN must not receive the Hub token")
+        with self.state.lock:
+            data = self.state.lfs_objects.get(oid)
+        if data is None:
+            raise HubError(404, "no such LFS object")
+        self._send(200, data, {"ETag": f'"{oid}"', "Accept-Ranges": "bytes"}, "application/octet-stream")
 
     def r_commit(self, body, t, ns, name, rev):
         user = self._user(required=True)

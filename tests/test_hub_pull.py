@@ -354,3 +354,20 @@ def test_base_fingerprint_checked_when_base_given(hub_env_lfs, expert_bundle, ti
         _pull(hub_env_lfs, REPO, reg, base=str(other))
     _assert_nothing_left(reg)
     assert _pull(hub_env_lfs, REPO, reg, base=str(tiny_base)).verified
+
+
+def test_lfs_downloads_redirected_to_another_origin(expert_bundle, reg, monkeypatch, tmp_path):
+    """Like the Hub's CDN: LFS files answer 302 to another origin (and must not get the token)."""
+    from huggingface_hub import constants
+    from hub_server import HubServer
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with HubServer(upload_mode="lfs", redirect_lfs=True) as srv:
+        res = push(expert_bundle[0], REPO, endpoint=srv.url, token=TOKEN, private=True)
+        got = pull(REPO, reg, endpoint=srv.url, token=TOKEN)
+        assert got.verified and got.commit == res.commit
+        assert any(p.startswith("/lfs-objects/") and m == "GET" for m, p in srv.requests)
+        srv.state.lfs_objects[srv.repo(REPO).head().files["adapter_model.safetensors"].sha256] = b"\0" * 16
+        with pytest.raises(HubError, match="adapter_model.safetensors"):
+            pull(f"{REPO}@{res.commit}", Registry(tmp_path / "r2"), endpoint=srv.url, token=TOKEN)
