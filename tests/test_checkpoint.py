@@ -11,7 +11,7 @@ from helpers import make_peft_adapter, run_cli
 from mergekit_moe.atomic import leftover_staging
 from mergekit_moe.base import fingerprint_of, load_base
 from mergekit_moe.checkpoint import CONFIG, WEIGHTS, load_checkpoint, load_moe_model, save_checkpoint
-from mergekit_moe.errors import BaseMismatchError, CheckpointError, FormatError, IntegrityError
+from mergekit_moe.errors import BaseMismatchError, CheckpointError, FormatError, IntegrityError, MoeMergeError
 from mergekit_moe.lora import read_adapter
 from mergekit_moe.moe.routing import record_routing
 from mergekit_moe.moe.spec import ExpertInfo, MoeSpec, Routing
@@ -136,3 +136,34 @@ def test_cli_inspect_and_generate(spec, tmp_path, tiny_base):
     (out / "README.md").write_text("changed\n")
     p = run_cli("inspect", out)
     assert p.returncode == 1 and "error:" in p.stderr and "README.md" in p.stderr and p.stdout == ""
+
+
+def test_crafted_tensor_file_is_refused(spec, tmp_path):
+    """A weights file with a wrong dtype, a missing or an extra tensor (hashes updated to match) is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_moe.hashing import sha256_file
+
+    def rewrite(out, mutate):
+        w = out / WEIGHTS
+        tensors = load_file(str(w))
+        mutate(tensors)
+        save_file(tensors, str(w))
+        cfg = json.loads((out / CONFIG).read_text())
+        cfg["files"][WEIGHTS] = {"sha256": sha256_file(w), "size": w.stat().st_size}
+        (out / CONFIG).write_text(json.dumps(cfg))
+
+    name = "modules.model.layers.1.self_attn.q_proj"
+    cases = {
+        "int-A": (lambda t: t.__setitem__(f"{name}.A", t[f"{name}.A"].long()), "floating point"),
+        "missing": (lambda t: t.pop(f"{name}.rho"), "missing"),
+        "extra": (lambda t: t.__setitem__("modules.evil.A", torch.zeros(2, 2)), "unexpected tensor"),
+        "slot-range": (lambda t: t.__setitem__(f"{name}.slot_of_rank", t[f"{name}.slot_of_rank"] + 7), "outside"),
+        "nan": (lambda t: t[f"{name}.B"].__setitem__((0, 0), float("nan")), "NaN"),
+    }
+    for case, (mutate, msg) in cases.items():
+        out = save_checkpoint(spec, tmp_path / case)
+        rewrite(out, mutate)
+        with pytest.raises(MoeMergeError, match=msg) as ei:
+            load_checkpoint(out)
+        assert "\n" not in str(ei.value) and str(out) in str(ei.value), case

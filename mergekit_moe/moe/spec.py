@@ -237,6 +237,8 @@ class MoeSpec:
                 bad = [m for m in s.members if m not in self.experts]
                 if bad or not s.members:
                     raise CheckpointError(f"slot {s.name!r} names unknown experts {bad}", where=f"{where}.slots")
+            if not lay.router_weight.is_floating_point() or (lay.router_bias is not None and not lay.router_bias.is_floating_point()):
+                raise CheckpointError("router tensors must be floating point", where=f"{where}.router")
             if tuple(lay.router_weight.shape) != (lay.n_slots, self.hidden_size):
                 raise CheckpointError(f"router weight {tuple(lay.router_weight.shape)} is not (n_slots={lay.n_slots}, hidden={self.hidden_size})",
                                       where=f"{where}.router.weight")
@@ -246,6 +248,8 @@ class MoeSpec:
             L = self.layer_of(name)
             if L not in self.layers:
                 raise CheckpointError(f"module is in layer {L}, which has no router", where=f"modules.{name}")
+            if not (m.A.is_floating_point() and m.B.is_floating_point() and m.rho.is_floating_point()) or m.slot_of_rank.is_floating_point():
+                raise CheckpointError("A, B and rho must be floating point and slot_of_rank an integer tensor", where=f"modules.{name}")
             R = m.rank
             if m.A.dim() != 2 or m.B.dim() != 2 or m.B.shape[1] != R or tuple(m.slot_of_rank.shape) != (R,) or tuple(m.rho.shape) != (R,):
                 raise CheckpointError(f"shapes do not fit: A {tuple(m.A.shape)}, B {tuple(m.B.shape)}, slot_of_rank {tuple(m.slot_of_rank.shape)}, rho {tuple(m.rho.shape)}",
