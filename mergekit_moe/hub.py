@@ -172,9 +172,10 @@ def push(source: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         client = HubClient(endpoint, token)  # nothing was sent before this point
         rep.info(f"pushing {kind} {label} to {client.endpoint}/{ref.repo_id}")
         client.call(client.api.create_repo, ref.repo_id, private=private, exist_ok=True, what=f"create {ref.repo_id}")
-        if ref.rev != "main":
-            client.call(client.api.create_branch, ref.repo_id, branch=ref.rev, exist_ok=True, what=f"branch {ref.rev}")
         before, remote = _head(client, ref)
+        if before is None and ref.rev != "main":
+            _create_branch(client, ref, rep)
+            before, remote = _head(client, ref)
         stale = _stale_files(ref, remote, set(names))
         if ref.subfolder and meta is not None and "README.md" not in remote:
             (stage / "README.md").write_text(root_card(ref, meta), encoding="utf-8")
@@ -189,6 +190,18 @@ def push(source: str | os.PathLike, repo_id: str, *, private: bool = False, revi
     tree = f"/tree/{ref.rev}/{ref.subfolder}" if (ref.subfolder or ref.rev != "main") else ""
     return PushResult(ref.repo_id, ref.rev, ref.subfolder, kind, f"{client.endpoint}/{ref.repo_id}{tree}".rstrip("/"),
                       commit, changed, names)
+
+
+def _create_branch(client: HubClient, ref: HubRef, rep: Reporter) -> None:
+    """Create ``ref.rev`` from main. A server without the branch API may still create it on commit."""
+    from .errors import HubError
+
+    try:
+        client.call(client.api.create_branch, ref.repo_id, branch=ref.rev, exist_ok=True, what=f"create branch {ref.rev}")
+    except HubError as exc:
+        if not any(code in exc.what for code in ("HTTP 404", "HTTP 405", "HTTP 501")):
+            raise
+        rep.warn(f"the server could not create branch {ref.rev} ({exc.what}); committing to it directly")
 
 
 def _head(client: HubClient, ref: HubRef) -> tuple[str | None, dict]:
