@@ -309,7 +309,9 @@ def bundle_from_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLi
     with tempfile.TemporaryDirectory(prefix=".import-", dir=Path(out_dir).parent if Path(out_dir).parent.exists() else None) as tmp:
         work = Path(tmp)
         shutil.copyfile(src / ADAPTER_CONFIG, work / ADAPTER_CONFIG)
-        if (src / ADAPTER_WEIGHTS).is_file() and not (src / ADAPTER_WEIGHTS).is_symlink():
+        # symlinks are followed here (HF cache snapshots are links into blobs/): the content is copied
+        # into regular files; bundles themselves never contain links
+        if (src / ADAPTER_WEIGHTS).is_file():
             shutil.copyfile(src / ADAPTER_WEIGHTS, work / ADAPTER_WEIGHTS)
         else:
             pickles = pickle_weights(src)

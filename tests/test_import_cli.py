@@ -143,3 +143,17 @@ def test_sign_and_verify_with_key(tiny_base, adapter, tmp_path):
     assert "ecdsa-sha256" in _cli("info", "diag")
     p = run_cli("sign", "diag", "--key", tmp_path / "pub.pem")  # a public key cannot sign
     assert p.returncode == 1 and "not a PEM private key" in p.stderr
+
+
+def test_two_concurrent_cli_imports_leave_one_entry(tiny_base, adapter):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "mergekit_moe", "import", str(adapter), "--name", "diag", "--task", "diagnosis", "--base", str(tiny_base)]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("diag@1" in out for out, _ in outs)
+    entries = Registry().find()
+    assert [e.ref for e in entries] == ["diag@1"]
+    assert [p.name for p in Registry().store.iterdir() if not p.name.startswith(".")] == [entries[0].digest]
