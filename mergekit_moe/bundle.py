@@ -295,7 +295,7 @@ def bundle_from_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLi
     """
     import tempfile
 
-    from .base import fingerprint_of, load_config
+    from .base import base_fingerprint, load_config, load_tokenizer
     from .errors import ModelLoadError
     from .lora import read_adapter, read_adapter_config
     from .progress import ensure
@@ -329,8 +329,9 @@ def bundle_from_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLi
         fingerprint = ""
         if base_ref:
             try:
-                validate_adapter(adapter, load_config(base_ref), where=str(src))
-                fingerprint = fingerprint_of(base_ref)
+                base_cfg = load_config(base_ref)
+                validate_adapter(adapter, base_cfg, where=str(src))
+                fingerprint = base_fingerprint(base_cfg, load_tokenizer(base_ref))
             except ModelLoadError:
                 if base:
                     raise

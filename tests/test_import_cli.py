@@ -157,3 +157,28 @@ def test_two_concurrent_cli_imports_leave_one_entry(tiny_base, adapter):
     entries = Registry().find()
     assert [e.ref for e in entries] == ["diag@1"]
     assert [p.name for p in Registry().store.iterdir() if not p.name.startswith(".")] == [entries[0].digest]
+
+
+def test_import_base_from_adapter_config_or_warn(tiny_base, adapter, tmp_path):
+    import json
+    import shutil
+
+    from mergekit_moe.base import fingerprint_of
+    from mergekit_moe.errors import ModelLoadError
+    from mergekit_moe.progress import NullReporter
+
+    rep = NullReporter()
+    # PEFT recorded the tiny base's path in adapter_config.json: it is used when --base is omitted
+    e = Registry().import_adapter(adapter, name="a", task="t", reporter=rep)
+    assert e.base_fingerprint == fingerprint_of(tiny_base) and rep.warnings == []
+    other = tmp_path / "other"
+    shutil.copytree(adapter, other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "no-such-org/no-such-model"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    e2 = Registry().import_adapter(other, name="b", task="t", reporter=rep)
+    assert e2.base_fingerprint == "" and e2.base_model == "no-such-org/no-such-model"
+    assert any("not validated" in w for w in rep.warnings)
+    with pytest.raises(ModelLoadError, match="no-such-org/no-such-model"):
+        Registry().import_adapter(other, name="c", task="t", base="no-such-org/no-such-model")
+    assert [x.name for x in Registry().find()] == ["a", "b"]
