@@ -105,7 +105,7 @@ class Registry:
     def _connect(self, *, write: bool = True) -> sqlite3.Connection:
         """A connection in autocommit mode (transactions are explicit). Reads never create or write anything."""
         if not write:
-            con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=60, isolation_level=None)
+            con = sqlite3.connect(self.db_path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60, isolation_level=None)
             con.row_factory = sqlite3.Row
             return con
         self.store.mkdir(parents=True, exist_ok=True)
