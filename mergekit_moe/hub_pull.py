@@ -256,8 +256,15 @@ def fetch_expert(ref: HubRef | str, registry, *, lock=None, update: bool = False
     ref = parse_ref(ref) if isinstance(ref, str) else ref
     locked = lock.get(ref) if lock is not None else None
     if locked is not None and not update:
-        client = HubClient(endpoint, token)
-        now = client.commit_of(ref)
+        try:
+            client = HubClient(endpoint, token)
+            now = client.commit_of(ref)
+        except HubError as exc:
+            cached = _locked_copy(registry, locked)
+            if cached is None or not ("offline" in exc.what or "cannot reach" in exc.what):
+                raise
+            rep.warn(f"{ref.url()}: {exc.what}; using the locked copy {cached.ref} (commit {locked.commit[:10]})")
+            return cached
         if now != locked.commit and not _same_files(client.tree(ref, now), locked.files):
             raise IntegrityError(f"{ref.url()} now resolves to commit {now[:10]} with different content than the "
                                  f"locked commit {locked.commit[:10]}", where=str(lock.path),
@@ -269,6 +276,16 @@ def fetch_expert(ref: HubRef | str, registry, *, lock=None, update: bool = False
         lock.set(ref, LockEntry(ref.repo_id, ref.revision, ref.subfolder, res.commit, res.files,
                                 res.entry.digest, res.verified))
     return res.entry
+
+
+def _locked_copy(registry, locked):
+    """The registry entry holding exactly the locked bundle, if any (for offline runs)."""
+    if not locked.digest:
+        return None
+    for e in registry.find():
+        if e.digest == locked.digest and (e.provenance or {}).get("commit") == locked.commit and e.path.is_dir():
+            return e
+    return None
 
 
 def _same_files(tree: dict[str, TreeFile], files: dict[str, dict]) -> bool:

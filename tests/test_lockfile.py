@@ -114,3 +114,19 @@ def test_locked_commit_serving_other_bytes_fails(hub_env_lfs, expert_bundle, tmp
     with pytest.raises(IntegrityError, match="different content than the lock"):
         fetch_expert(ref, reg2, lock=lock, update=False, endpoint=url, token=TOKEN)
     assert reg2.find() == []
+
+
+def test_locked_copy_is_used_offline(hub_env_lfs, expert_bundle, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    url = hub_env_lfs.url
+    push(expert_bundle[0], "medorg/dx", endpoint=url, token=TOKEN)
+    reg, ref = Registry(tmp_path / "reg"), parse_ref("hf://medorg/dx")
+    lock = LockFile(tmp_path / "r.lock.json")
+    e1 = fetch_expert(ref, reg, lock=lock, update=False, endpoint=url, token=TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert fetch_expert(ref, reg, lock=lock, update=False, endpoint=url, token=TOKEN).digest == e1.digest
+    from mergekit_moe.errors import HubError
+
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE"):  # nothing locally for a fresh registry
+        fetch_expert(ref, Registry(tmp_path / "empty"), lock=lock, update=False, endpoint=url, token=TOKEN)
