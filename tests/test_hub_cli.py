@@ -98,3 +98,19 @@ def test_repo_with_bin_is_refused(hub_env_lfs, expert_bundle, tmp_path, bad_name
     q = hub_env_lfs.run("pull", "community/pickled", env=home)
     assert q.returncode == 1 and bad_name in q.stderr and "pickle" in q.stderr
     assert Registry(tmp_path / "home").find() == []
+
+
+def test_two_concurrent_pull_processes_leave_one_entry(hub_env_lfs, expert_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    from mergekit_moe.hub import push
+
+    push(expert_bundle[0], "medorg/dx-expert", endpoint=hub_env_lfs.url, token="hf_test_write")
+    env = hub_env_lfs.env(MOEMERGE_HOME=str(tmp_path / "home"))
+    procs = [subprocess.Popen([sys.executable, "-m", "mergekit_moe", "pull", "medorg/dx-expert"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    (entry,) = Registry(tmp_path / "home").find()
+    assert entry.provenance["commit"] == hub_env_lfs.server.repo("medorg/dx-expert").head().oid
