@@ -58,16 +58,17 @@ def _refuse_kind(rel: str, where: str) -> None:
                               hint="only safetensors, JSON, YAML, Markdown and text files are pushed or pulled")
 
 
-def check_no_remote_code(path: Path, rel: str) -> None:
+def check_no_remote_code(path: Path, rel: str, *, where: str | None = None) -> None:
     """Refuse JSON configs that ask for remote code (``auto_map``); read as plain JSON, never executed."""
+    where = where or str(path)
     if path.stat().st_size > MAX_JSON_BYTES:
-        raise UnsafeFileError(f"{rel} is larger than {MAX_JSON_BYTES // 1024 // 1024} MB", where=str(path))
+        raise UnsafeFileError(f"{rel} is larger than {MAX_JSON_BYTES // 1024 // 1024} MB", where=where)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BundleError(f"{rel} is not valid JSON ({type(exc).__name__})", where=str(path)) from exc
+        raise BundleError(f"{rel} is not valid JSON ({type(exc).__name__})", where=where) from exc
     if isinstance(data, dict) and data.get("auto_map"):
-        raise UnsafeFileError(f"{rel} asks for remote code (auto_map)", where=str(path),
+        raise UnsafeFileError(f"{rel} asks for remote code (auto_map)", where=where,
                               hint="mergekit-moe never runs code from a repo")
 
 

@@ -153,7 +153,7 @@ def pull(ref: HubRef | str, registry=None, *, name: str | None = None, base: str
             if rel.endswith(".json"):
                 from .hub import check_no_remote_code
 
-                check_no_remote_code(local / rel, rel)
+                check_no_remote_code(local / rel, rel, where=ref.cli())
         if expect is not None and not expect.same_content(files):
             changed = sorted(r for r in set(files) | set(expect.files) if files.get(r, {}).get("sha256") != expect.files.get(r, {}).get("sha256"))
             raise IntegrityError(f"{ref.url()} at commit {commit[:10]} serves different content than the lock file "
