@@ -214,3 +214,24 @@ def test_sign_and_verify_signature(adapter_dir, tmp_path, kind):
     sig.write_text(json.dumps(doc))
     with pytest.raises(IntegrityError, match="does not verify"):
         verify_signature(read_bundle(b2.path), pub)
+
+
+def test_accepted_manifest_paths_never_escape(tmp_path):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from mergekit_moe.bundle import check_relpath
+
+    root = (tmp_path / "root").resolve()
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.text(alphabet="a./\\:~ \x00", max_size=12))
+    def prop(rel):
+        try:
+            check_relpath(rel, where="x")
+        except UnsafeFileError:
+            return
+        resolved = (root / rel).resolve()
+        assert resolved != root and root in resolved.parents
+
+    prop()
