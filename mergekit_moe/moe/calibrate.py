@@ -29,6 +29,8 @@ from ..progress import Reporter, ensure
 
 GENERAL = "__general__"
 BALANCE_DELTA = 0.1
+#: rho's learning rate relative to the routers'
+RHO_LR_FACTOR = 0.1
 
 
 @dataclass
@@ -232,7 +234,11 @@ def calibrate(model, tokenizer, *, task_rows: dict[str, list[dict]], held_out: d
     acc0, _ = evaluate_routing(model, tokenizer, spec, held_out, **kw)
     kl0 = general_kl(model, tokenizer, general_held_out, max_length=cfg.max_length, granularity=gran) if general_held_out else None
     params = moe_parameters(model, rho=cfg.train_rho)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    rho_ids = {id(m.rho) for m in runtime_of(model).modules.values()}
+    # rho rescales whole experts: a smaller step than the routers' keeps it near 1 unless the data insists
+    groups = [{"params": [p for p in params if id(p) not in rho_ids], "lr": cfg.lr},
+              {"params": [p for p in params if id(p) in rho_ids], "lr": cfg.lr * RHO_LR_FACTOR}]
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
     w = cfg.loss_weights
     n_gen = int(round(cfg.batch_size * cfg.general_fraction)) if general else 0
     n_task = max(1, cfg.batch_size - n_gen)
@@ -253,19 +259,21 @@ def calibrate(model, tokenizer, *, task_rows: dict[str, list[dict]], held_out: d
             sources = [e.source for e in exs]
             logits, pis = _forward(model, batch, gran, detach=False)
             mask = batch["prompt_mask"] if gran == "sequence" else batch["attention_mask"]
-            parts = {"lm": _lm_loss(logits, batch["labels"]),
+            gen_rows = torch.tensor([s == GENERAL for s in sources], device=dev)
+            # LM loss on task examples only: on general data the KL term says what "right" is (the base)
+            task_labels = batch["labels"].masked_fill(gen_rows.unsqueeze(1), -100)
+            parts = {"lm": _lm_loss(logits, task_labels),
                      "routing": _routing_loss(pis, _targets(spec, sources, knowledge), mask),
                      "balance": _balance(pis, mask, sources, spec, knowledge)}
-            gen_rows = torch.tensor([s == GENERAL for s in sources], device=dev)
             parts["kl"] = _kl_to_base(model, batch, logits, gen_rows) if bool(gen_rows.any()) else torch.zeros((), device=dev)
             total = sum(float(w.get(k, 0.0)) * v for k, v in parts.items())
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
-            losses["total"].append(float(total))
+            losses["total"].append(float(total.detach()))
             for k, v in parts.items():
-                losses[k].append(float(v))
-            rep.advance("calibrate", 1, loss=float(total), route=float(parts["routing"]))
+                losses[k].append(float(v.detach()))
+            rep.advance("calibrate", 1, loss=losses["total"][-1], route=losses["routing"][-1])
     finally:
         rep.finish("calibrate")
         for p in params:
