@@ -39,6 +39,10 @@ from mergekit_moe.moe.layer import LayerRouter, MoeLoraLinear, RoutingState  # n
 from mergekit_moe.moe.spec import Routing  # noqa: E402
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}
+_clock = time.perf_counter
+
+
 def timeit(fns: dict, x, *, rounds: int, reps: int) -> dict[str, float]:
     """Best-of-rounds seconds per call (timeit's advice: background load only ever adds time).
 
@@ -51,10 +55,10 @@ def timeit(fns: dict, x, *, rounds: int, reps: int) -> dict[str, float]:
             f(x)
         for _ in range(rounds):
             for k, f in fns.items():
-                t0 = time.perf_counter()
+                t0 = _clock()
                 for _ in range(reps):
                     f(x)
-                times[k].append((time.perf_counter() - t0) / reps)
+                times[k].append((_clock() - t0) / reps)
     return {k: min(v) for k, v in times.items()}
 
 
@@ -174,15 +178,25 @@ def main(argv=None) -> None:
     ap.add_argument("--full", action="store_true", help="realistic sizes: hidden 2048, 8 experts of rank 16, 2048 tokens")
     ap.add_argument("--model", action="store_true", help="also time a whole 135M-shaped model")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadiest on a shared machine)")
+    ap.add_argument("--clock", choices=list(CLOCK), default=None,
+                    help="cpu = this thread's CPU time (ignores time other processes take; only with --threads 1); "
+                         "default: cpu with 1 thread, else wall")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--hidden", type=int, default=None, help="override the layer size")
+    ap.add_argument("--tokens", type=int, default=None, help="override the number of tokens per call")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    global _clock
+    torch.set_num_threads(args.threads)
+    clock = args.clock or ("cpu" if args.threads == 1 else "wall")
+    if clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu measures one thread; use it with --threads 1")
+    _clock = CLOCK[clock]
     dtype = getattr(torch, args.dtype)
     hidden, E, r, tokens = (2048, 8, 16, 2048) if args.full else (1024, 8, 16, 256)
+    hidden, tokens = args.hidden or hidden, args.tokens or tokens
     rounds = args.rounds or (15 if args.full else 7)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; layer {hidden}x{hidden}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock} clock, {args.dtype}; layer {hidden}x{hidden}, "
           f"{E} experts x rank {r} (R={E * r}), {tokens} tokens")
     res = layer_bench(hidden, E, r, tokens, dtype, rounds, reps=3 if args.full else 5)
     report("Layer forward", res, tokens, "base")

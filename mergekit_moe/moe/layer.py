@@ -73,8 +73,24 @@ class LayerRouter(nn.Module):
         return self.linear.out_features
 
     def probs(self, h: torch.Tensor) -> torch.Tensor:
-        """Mixture over slots for hidden states ``h`` (..., hidden) -> (..., S), float32."""
-        logits = self.linear(h.float())
+        """Mixture over slots for hidden states ``h`` (..., hidden) -> (..., S), float32.
+
+        The matmul runs in the hidden state's dtype (casting the tiny (S, hidden) weight, not the
+        big (..., hidden) activations); softmax and top-k run in float32.
+        """
+        w, b = self.linear.weight, self.linear.bias
+        if h.dtype != w.dtype:
+            w, b = w.to(h.dtype), None if b is None else b.to(h.dtype)
+        if h.device.type == "cpu":
+            # CPU BLAS is slow for a skinny (T, hidden) x (hidden, S) product; (S, hidden) x (hidden, T) is
+            # the same numbers and ~1.3-2.5x faster here (measured at hidden 2048, S 8)
+            h2 = h.reshape(-1, h.shape[-1])
+            logits = torch.mm(w, h2.t()).t().reshape(*h.shape[:-1], w.shape[0])
+            if b is not None:
+                logits = logits + b
+            logits = logits.float()
+        else:
+            logits = F.linear(h, w, b).float()
         if self.routing.temperature != 1.0:
             logits = logits / self.routing.temperature
         k = self.routing.top_k
