@@ -116,8 +116,9 @@ def _stage_bundle(root: Path, stage: Path, ref: HubRef) -> tuple[list[str], obje
         shutil.copyfile(b.file(rel), dst)
     meta = type(b.meta)(**b.meta.to_dict())
     meta.provenance = {}  # local paths and pull records stay on this machine (not part of the digest)
-    card = render_card(meta) + hub_usage(ref, meta)
-    (stage / README).write_text(card, encoding="utf-8")
+    # the card is re-rendered from expert.json (a stale or hand-edited card is replaced); for a
+    # current bundle it is byte-identical, so the bundle digest round-trips through the Hub
+    (stage / README).write_text(render_card(meta), encoding="utf-8")
     files = dict(b.files)
     files[README] = {"sha256": sha256_file(stage / README), "size": (stage / README).stat().st_size}
     (stage / EXPERT_JSON).write_text(dump_json(_expert_json(meta, files)), encoding="utf-8")
@@ -231,8 +232,7 @@ def root_card(ref: HubRef, meta) -> str:
     fm = yaml.safe_dump(front_matter(meta), sort_keys=False, allow_unicode=True).strip()
     return "\n".join([f"---\n{fm}\n---", "", f"# {ref.repo_id}", "",
                       "moemerge expert bundles, one per subfolder (each a PEFT LoRA adapter with `expert.json`).", "",
-                      f"First expert: `{ref.subfolder}` ({meta.name}, task `{meta.task}`):", "", "```bash",
-                      f"moemerge pull {ref.repo_id}:{ref.subfolder}", "```", ""])
+                      f"First expert: `{ref.subfolder}` ({meta.name}, task `{meta.task}`).", hub_usage(ref, meta)])
 
 
 def _stale_files(ref: HubRef, remote: dict, names: set[str]) -> list[str]:

@@ -55,6 +55,11 @@ def test_roundtrip_both_upload_modes(hub_env, expert_bundle, reg):
         assert sha256_file(got.entry.path / rel) == sha256_file(bdir / rel)
     assert got.entry.provenance["commit"] == res.commit
     assert got.entry.provenance["source"] == f"hf://{REPO}"
+    from mergekit_moe.bundle import read_bundle
+
+    local = read_bundle(bdir)
+    assert got.entry.digest == local.digest  # the content address round-trips through the Hub
+    assert read_bundle(got.entry.path).files == local.files
     same = _pull(hub_env, REPO, reg)
     assert same.already and same.entry.digest == got.entry.digest
     assert len(reg.find()) == 1
@@ -64,12 +69,13 @@ def test_model_card_front_matter(hub_env_lfs, expert_bundle):
     from mergekit_moe.modelcard import split_card
 
     _push(hub_env_lfs, expert_bundle[0], subfolder="experts/dx")
-    card = hub_env_lfs.server.repo(REPO).head().files["experts/dx/README.md"].data.decode()
-    fm, body = split_card(card)
+    files = hub_env_lfs.server.repo(REPO).head().files
+    fm, body = split_card(files["experts/dx/README.md"].data.decode())
     assert fm["library_name"] == "peft" and "moemerge" in fm["tags"] and "task:diagnosis" in fm["tags"]
     assert "medical" in fm["tags"] and fm["datasets"] == ["medorg/dx-notes"] and fm["license"]
-    assert "moemerge pull medorg/dx-expert:experts/dx" in body and "PeftModel.from_pretrained" in body
-    assert "accuracy" in body
+    assert "PeftModel.from_pretrained" in body and "accuracy" in body and "lora_alpha" in body
+    root_fm, root_body = split_card(files["README.md"].data.decode())  # the Hub reads tags from the root card
+    assert "moemerge" in root_fm["tags"] and "moemerge pull medorg/dx-expert:experts/dx" in root_body
 
 
 def test_server_modified_safetensors_fails_and_registry_unchanged(hub_env_lfs, expert_bundle, reg):
