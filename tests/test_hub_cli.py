@@ -114,3 +114,14 @@ def test_two_concurrent_pull_processes_leave_one_entry(hub_env_lfs, expert_bundl
     assert [p.returncode for p in procs] == [0, 0], outs
     (entry,) = Registry(tmp_path / "home").find()
     assert entry.provenance["commit"] == hub_env_lfs.server.repo("medorg/dx-expert").head().oid
+
+
+def test_token_from_hf_auth_login_file(hub_env_lfs, expert_bundle, tmp_path):
+    """No HF_TOKEN: the token saved by `hf auth login` under HF_HOME is used; without either, push is refused."""
+    (tmp_path / "hf-home").mkdir(exist_ok=True)
+    (tmp_path / "hf-home" / "token").write_text("hf_test_write")
+    ok = hub_env_lfs.run("push", expert_bundle[0], "medorg/dx-expert", token=None, env={"MOEMERGE_HOME": str(tmp_path / "h")})
+    assert ok.returncode == 0, ok.stderr
+    (tmp_path / "hf-home" / "token").unlink()
+    anon = hub_env_lfs.run("push", expert_bundle[0], "medorg/dx-expert2", token=None, env={"MOEMERGE_HOME": str(tmp_path / "h")})
+    assert anon.returncode == 1 and "error:" in anon.stderr and "Traceback" not in anon.stderr
