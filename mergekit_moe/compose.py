@@ -86,8 +86,12 @@ def resolve_source(exp: ExpertSpec, recipe: Recipe, registry, reporter: Reporter
     return Path(entry.path), {"source": exp.source, "registry_ref": getattr(entry, "ref", None)}
 
 
-def _inspect_expert(r: ResolvedExpert, shapes: dict, *, verify: bool = True) -> None:
-    """Fill fingerprint, sha256 and ranks from expert.json and the safetensors header; check shapes."""
+def _inspect_expert(r: ResolvedExpert, shapes: dict, *, base_fp: str | None = None, allow_base_mismatch: bool = False,
+                    reporter: Reporter | None = None, verify: bool = True) -> None:
+    """Fill fingerprint, sha256 and ranks from expert.json and the safetensors header; check base and shapes.
+
+    The fingerprint is compared first: "trained on another base" is clearer than the shape error it causes.
+    """
     from .bundle import EXPERT_JSON, read_bundle
     from .hashing import sha256_file
     from .lora import ADAPTER_WEIGHTS, parse_key, read_adapter_config
@@ -104,6 +108,12 @@ def _inspect_expert(r: ResolvedExpert, shapes: dict, *, verify: bool = True) -> 
             b.verify()
         r.fingerprint = b.meta.base_fingerprint
         r.provenance.update({"bundle": b.meta.name, "version": b.meta.version, "task": b.meta.task, "digest": b.digest})
+        if base_fp and r.fingerprint and r.fingerprint != base_fp:
+            msg = (f"expert {r.name!r} was trained on base fingerprint {r.fingerprint[:16]} ({b.meta.base_model}), "
+                   f"the recipe's base has {base_fp[:16]}")
+            if not allow_base_mismatch:
+                raise BaseMismatchError(msg, where=f"{r.where}.source", hint="compose it on its own base, or pass --allow-base-mismatch")
+            ensure(reporter).warn(msg + " (allowed by --allow-base-mismatch)")
     read_adapter_config(d)
     weights = d / ADAPTER_WEIGHTS
     if not weights.is_file():
@@ -169,12 +179,7 @@ def plan_compose(recipe: Recipe, *, method: str | None = None, allow_base_mismat
                 r.adapter_dir, r.provenance = resolve_source(e, recipe, registry, rep)
             except MoeMergeError as exc:
                 raise type(exc)(exc.what, where=f"{where}.source ({e.name})", hint=exc.hint) from None
-            _inspect_expert(r, shapes)
-            if r.fingerprint and r.fingerprint != fp:
-                msg = f"expert {e.name!r} was trained on base {r.fingerprint[:16]}, the recipe's base is {fp[:16]}"
-                if not allow_base_mismatch:
-                    raise BaseMismatchError(msg, where=f"{where}.source", hint="use the expert's base, or pass --allow-base-mismatch")
-                rep.warn(msg + " (allowed by --allow-base-mismatch)")
+            _inspect_expert(r, shapes, base_fp=fp, allow_base_mismatch=allow_base_mismatch, reporter=rep)
         for key, p in (("data", e.data), ("train.data", (e.train or {}).get("data"))):
             if p and not recipe.resolve_path(p).exists():
                 raise RecipeError([(f"{where}.{key}", f"data file {p} not found")])
@@ -238,7 +243,7 @@ def _train_pending(plan: ComposePlan, registry, rep: Reporter) -> None:
         r.adapter_dir = Path(res.bundle_dir)
         r.provenance.update({"registry_ref": res.registry_ref})
         r.needs_training = False
-        _inspect_expert(r, module_shapes(plan.config))
+        _inspect_expert(r, module_shapes(plan.config), base_fp=plan.base_fingerprint, reporter=rep)
 
 
 def _rows(recipe: Recipe, path: str | None, task: str, limit: int) -> list[dict]:
