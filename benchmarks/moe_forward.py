@@ -177,6 +177,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="realistic sizes: hidden 2048, 8 experts of rank 16, 2048 tokens")
     ap.add_argument("--model", action="store_true", help="also time a whole 135M-shaped model")
+    ap.add_argument("--model-only", action="store_true", help="time only the whole model")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadiest on a shared machine)")
     ap.add_argument("--clock", choices=list(CLOCK), default=None,
@@ -198,7 +199,16 @@ def main(argv=None) -> None:
     rounds = args.rounds or (15 if args.full else 7)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock} clock, {args.dtype}; layer {hidden}x{hidden}, "
           f"{E} experts x rank {r} (R={E * r}), {tokens} tokens")
-    res = layer_bench(hidden, E, r, tokens, dtype, rounds, reps=3 if args.full else 5)
+    if not args.model_only:
+        layer_report(layer_bench(hidden, E, r, tokens, dtype, rounds, reps=3 if args.full else 5), E, r, tokens)
+    if args.model or args.model_only:
+        m_tokens = 512 if args.full else 128
+        mres = model_bench(4, 16, m_tokens, dtype, rounds=5 if args.full else 3, reps=1, small=not args.full)
+        report(f"Model forward ({'30' if args.full else '6'}-layer SmolLM2-135M shape, 4 experts x rank 16 on all projections, "
+               f"{m_tokens} tokens)", mres, m_tokens, "base = one merged LoRA")
+
+
+def layer_report(res: dict[str, float], E: int, r: int, tokens: int) -> None:
     report("Layer forward", res, tokens, "base")
     base = res["base"]
     ov = {k: v - base for k, v in res.items()}
@@ -208,11 +218,6 @@ def main(argv=None) -> None:
           f"ours / plain-lora-R = {ov['moe (ours)'] / ov[f'plain lora r={E * r}']:.3f}, "
           f"naive-loop / ours = {ov[f'naive loop {E}x'] / ov['moe (ours)']:.2f} (target >= 3), "
           f"peft-multi / ours = {ov[f'peft {E} active adapters'] / ov['moe (ours)']:.2f}")
-    if args.model:
-        m_tokens = 512 if args.full else 128
-        mres = model_bench(4, 16, m_tokens, dtype, rounds=5 if args.full else 3, reps=1, small=not args.full)
-        report(f"Model forward ({'30' if args.full else '6'}-layer SmolLM2-135M shape, 4 experts x rank 16 on all projections, "
-               f"{m_tokens} tokens)", mres, m_tokens, "base = one merged LoRA")
 
 
 if __name__ == "__main__":
