@@ -75,8 +75,8 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
         raise BundleError(f"no {ADAPTER_CONFIG}", where=str(adapter_dir), hint="is this a PEFT LoRA adapter directory?")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"not valid JSON ({exc})", where=str(path)) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deeply nested JSON
+        raise FormatError(f"not valid JSON ({type(exc).__name__})", where=str(path)) from exc
     if not isinstance(cfg, dict):
         raise FormatError("adapter config must be a JSON object", where=str(path))
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":

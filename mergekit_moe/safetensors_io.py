@@ -64,7 +64,7 @@ def inspect_safetensors(path: str | os.PathLike) -> tuple[dict[str, TensorInfo],
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except FormatError as exc:
         raise FormatError(exc.what, where=where) from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: '[[[[...' nesting
         raise FormatError(f"header is not valid UTF-8 JSON ({type(exc).__name__})", where=where) from exc
     if not isinstance(header, dict):
         raise FormatError("header is not a JSON object", where=where)

@@ -101,7 +101,7 @@ def read_signature(bundle: Bundle) -> dict:
         raise FormatError("signature file is too large", where=str(p))
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deeply nested JSON
         raise FormatError("signature is not valid JSON", where=str(p)) from exc
     if not isinstance(doc, dict) or doc.get("format_version") != SIG_FORMAT_VERSION or not isinstance(doc.get("signature"), str):
         raise FormatError("unsupported signature format", where=str(p))
