@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 from .atomic import atomic_write_text, dump_json, staging_dir
-from .errors import BundleError, FormatError, IntegrityError, UnsafeFileError
+from .errors import BundleError, FormatError, IntegrityError, UnsafeFileError, ValidationError
 from .hashing import sha256_file, sha256_json
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
@@ -324,7 +324,12 @@ def bundle_from_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLi
                                            "--convert-pickle if you trust the file (it is then read with torch.load(weights_only=True))")
             rep.info(f"converting {pick.name} to safetensors (torch.load weights_only=True)")
             convert_pickle_adapter(pick, work / ADAPTER_WEIGHTS)
-        adapter = read_adapter(work)  # safetensors checks, dtypes, NaN/Inf, rank vs config
+        try:
+            adapter = read_adapter(work)  # safetensors checks, dtypes, NaN/Inf, rank vs config
+        except (FormatError, BundleError, ValidationError) as exc:
+            # name the user's file, not the temporary copy (which is gone when the message is read)
+            where = exc.where.replace(str(work), str(src)) if exc.where else exc.where
+            raise type(exc)(exc.what, where=where, hint=exc.hint) from exc
         base_ref = base or cfg.get("base_model_name_or_path") or ""
         fingerprint = ""
         if base_ref:

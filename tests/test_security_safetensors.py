@@ -239,5 +239,6 @@ def test_cli_import_of_crafted_weights_is_one_line_and_registers_nothing(tiny_ba
     assert p.returncode == 1, p.stderr
     err = p.stderr.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and "unexpected" not in err, err
+    assert str(d / "adapter_model.safetensors") in err.replace("\n", "")  # the user's file, not a temp copy
     assert "adapter_model.safetensors" in err and ("NaN or Inf" in err if kind == "nan" else "overlaps" in err)
     assert Registry().find() == []
