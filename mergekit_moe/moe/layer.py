@@ -174,20 +174,31 @@ class MoeLoraLinear(nn.Module):
             # called outside a decoder-layer forward (e.g. a unit test on the module alone)
             raise RuntimeError(f"{self.name}: no routing mixture; the decoder layer's router did not run")
         h = F.linear(x.to(self.A.dtype), self.A)                         # (..., R)
-        gate = pi.index_select(-1, self.slot_of_rank)                    # (B, T|1, R), tiny
-        if gate.dim() != h.dim():  # e.g. a 2-D input (N, in) with a (1, 1, S) forced mixture
-            gate = gate.view(h.shape) if gate.numel() == h.numel() else gate.reshape(-1)
-        if torch.is_grad_enabled() and (self.rho.requires_grad or gate.requires_grad or x.requires_grad or out.requires_grad):
-            # autograd path: out-of-place ops
-            h = h * (gate * self.rho)
+        if pi.dim() != h.dim():  # e.g. a 2-D input (N, in) with a (1, 1, S) forced mixture
+            pi = pi.view(*h.shape[:-1], pi.shape[-1]) if pi.numel() // pi.shape[-1] == h.numel() // h.shape[-1] \
+                else pi.reshape(-1)
+        if torch.is_grad_enabled() and (self.rho.requires_grad or pi.requires_grad or x.requires_grad or out.requires_grad):
+            # autograd path: out-of-place ops; g_k = pi[..., slot(k)] * rho_k
+            h = h * (pi.index_select(-1, self.slot_of_rank) * self.rho)
             return out + F.linear(h, self.B).to(out.dtype)
-        # inference path: in-place gate (index_select made a fresh tensor), and B h accumulated straight
-        # into the base output with addmm_ (no extra (..., out) tensor, no extra pass)
-        h.mul_(gate.mul_(self.rho))
+        # inference path: gate = pi @ E with E (S, R) = rho on each rank's slot (cached): one tiny matmul
+        # instead of a gather and a multiply; then B h accumulated straight into the base output with
+        # addmm_ (no extra (..., out) tensor, no extra pass)
+        h.mul_(pi @ self._expansion(pi.shape[-1], pi.dtype, pi.device))
         if out.dtype == h.dtype and out.is_contiguous():
             out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), self.B.t())
             return out
         return out + F.linear(h, self.B).to(out.dtype)
+
+    def _expansion(self, n_slots: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """E (n_slots, R) with ``E[slot_of_rank[k], k] = rho[k]``, so that ``pi @ E`` is the gate. Cached per rho version."""
+        key = (id(self.rho), self.rho._version, n_slots, dtype, device)
+        if self.__dict__.get("_E_key") != key:
+            R = self.rank
+            E = torch.zeros(n_slots, R, dtype=dtype, device=device)
+            E[self.slot_of_rank.to(device), torch.arange(R, device=device)] = self.rho.detach().to(device=device, dtype=dtype)
+            self.__dict__["_E"], self.__dict__["_E_key"] = E, key
+        return self.__dict__["_E"]
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, slots={int(self.slot_of_rank.max()) + 1 if self.rank else 0}"
