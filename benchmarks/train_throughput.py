@@ -53,10 +53,15 @@ def run_trainer(base: str, cfg, workdir: Path) -> tuple[float, int]:
     peft_model = make_lora_model(model, cfg, config.model_type)
     counted = {"tokens": 0}
 
+    def count_tokens(_module, _args, kwargs):
+        # counted at forward time: accelerate's dataloader collates one batch ahead, so the collator over-counts
+        if torch.is_grad_enabled() and kwargs.get("attention_mask") is not None:
+            counted["tokens"] += int(kwargs["attention_mask"].sum())
+
+    peft_model.register_forward_pre_hook(count_tokens, with_kwargs=True)
+
     def collator(batch):
-        b = collate(batch, tok.pad_token_id)
-        counted["tokens"] += int(b["attention_mask"].sum())
-        return b
+        return collate(batch, tok.pad_token_id)
 
     args = TrainingArguments(
         output_dir=str(workdir / f"trainer-{time.time_ns()}"), per_device_train_batch_size=cfg.batch_size,

@@ -191,7 +191,10 @@ def run_loop(*, peft_model, cfg, train_examples: list[dict], val_examples: list[
 
         runner = DDP(loss_mod, device_ids=[dist.local_rank] if device.startswith("cuda") else None)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    try:  # the fused kernel (CPU and CUDA) updates all LoRA tensors in one pass; same math as the loop version
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = total_steps_for(cfg, len(train_examples))
     warmup = math.ceil(cfg.warmup_ratio * total)
 
