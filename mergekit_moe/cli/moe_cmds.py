@@ -65,7 +65,7 @@ def _layer_groups(layers: list[int], n_groups: int = 4) -> list[list[int]]:
 @click.command("generate")
 @click.argument("ckpt", type=click.Path(exists=True, file_okay=False))
 @click.argument("prompt")
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096), help="Tokens to generate.")
 @click.option("--show-routing", is_flag=True, help="Print the mixture weights per layer group.")
 @click.option("--base", metavar="MODEL", help="Base model to load instead of the one in moe_config.json (fingerprint-checked).")
 @click.option("--raw", is_flag=True, help="Do not apply the chat template; feed the prompt as is.")
