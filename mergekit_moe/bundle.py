@@ -187,6 +187,9 @@ def _manifest_names(root: Path) -> list[str]:
     for dirpath, dirs, files in os.walk(root):
         rel_dir = Path(dirpath).relative_to(root)
         dirs[:] = [d for d in dirs if not (rel_dir == Path(".") and d in IGNORED_NAMES)]
+        for d in dirs:  # os.walk does not descend into linked directories: say so instead of skipping them silently
+            if (Path(dirpath) / d).is_symlink():
+                raise UnsafeFileError(f"{(rel_dir / d).as_posix()} is a symbolic link", where=str(root), hint="bundles hold regular files only")
         names += [(rel_dir / n).as_posix() for n in files if not (rel_dir == Path(".") and (n in IGNORED_NAMES or n in (EXPERT_JSON, SIGNATURE)))]
     return names
 
