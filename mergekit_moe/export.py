@@ -62,12 +62,30 @@ def mixture_factors(spec: MoeSpec, weights: dict[str, float]) -> dict[str, tuple
     return out
 
 
+def pad_to_uniform_rank(factors: dict[str, tuple]) -> dict[str, tuple]:
+    """Zero-pad every module's factors to the largest rank: same product ``B A``, one ``r`` for the whole adapter.
+
+    Serving stacks (vLLM, LoRAX) want one rank per adapter and may ignore ``rank_pattern``; zero
+    rows of A / columns of B add nothing, so the adapter stays exact.
+    """
+    import torch.nn.functional as F
+
+    r = max(int(a.shape[0]) for a, _ in factors.values())
+    return {m: (F.pad(a, (0, 0, 0, r - a.shape[0])), F.pad(b, (0, r - b.shape[1]))) for m, (a, b) in factors.items()}
+
+
 def export_peft(spec: MoeSpec, weights: dict[str, float], out_dir: str | os.PathLike, *, dtype=None,
-                overwrite: bool = False) -> Path:
-    """Write a standard PEFT LoRA adapter (``PeftModel.from_pretrained`` works) equal to the fixed mixture."""
+                overwrite: bool = False, uniform_rank: bool = True) -> Path:
+    """Write a standard PEFT LoRA adapter (``PeftModel.from_pretrained`` works) equal to the fixed mixture.
+
+    ``uniform_rank`` (default) zero-pads all modules to one rank for serving stacks; otherwise each
+    module keeps its exact rank via ``rank_pattern``.
+    """
     from .lora import write_adapter
 
     factors = mixture_factors(spec, weights)
+    if uniform_rank:
+        factors = pad_to_uniform_rank(factors)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise CheckpointError("output already exists", where=str(out), hint="pass --force or choose another directory")

@@ -67,6 +67,15 @@ def test_export_peft_reproduces_forced_mixture(tiny_base, spec, tmp_path):
     # a single-expert mixture drops the other expert's ranks
     assert "model.layers.0.mlp.down_proj" not in mixture_factors(spec, {"diagnosis": 1.0})
     assert json.loads((out / "mixture.json").read_text())["weights"] == W
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 6 and not cfg["rank_pattern"]  # zero-padded to one rank (vLLM/LoRAX)
+    # exact per-module ranks via rank_pattern: same logits
+    out2 = export_peft(spec, W, tmp_path / "peft-ranks", uniform_rank=False)
+    cfg2 = json.loads((out2 / "adapter_config.json").read_text())
+    assert cfg2["rank_pattern"] and set(cfg2["rank_pattern"].values()) | {cfg2["r"]} == {2, 4, 6}
+    peft2 = PeftModel.from_pretrained(_base(tiny_base), out2).eval()
+    with torch.no_grad():
+        assert torch.allclose(peft2(IDS).logits, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_export_merged_reproduces_forced_mixture(tiny_base, spec, tmp_path):

@@ -114,8 +114,10 @@ def generate_cmd(ckpt, prompt, max_new_tokens, show_routing, base, raw, weights,
 @click.argument("out", type=click.Path())
 @click.option("--weights", required=True, metavar="NAME=W,...", help="Fixed expert mixture, e.g. diagnosis=0.7,ddi=0.3.")
 @click.option("--dtype", type=click.Choice(_DTYPES), default=None, help="Adapter dtype (default float32).")
+@click.option("--keep-ranks", is_flag=True,
+              help="Keep each module's own rank (PEFT rank_pattern) instead of zero-padding to one rank for vLLM/LoRAX.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def export_peft_cmd(ckpt, out, weights, dtype, force) -> None:
+def export_peft_cmd(ckpt, out, weights, dtype, keep_ranks, force) -> None:
     """Export a fixed mixture as a standard PEFT LoRA adapter (exact rank concatenation)."""
     from ..checkpoint import load_checkpoint
     from ..export import export_peft, parse_weights
@@ -123,7 +125,7 @@ def export_peft_cmd(ckpt, out, weights, dtype, force) -> None:
 
     mix = parse_weights(weights)
     spec = load_checkpoint(ckpt)
-    path = export_peft(spec, mix, out, dtype=_dtype(dtype), overwrite=force)
+    path = export_peft(spec, mix, out, dtype=_dtype(dtype), overwrite=force, uniform_rank=not keep_ranks)
     out_console.print(f"[green]✓[/] PEFT LoRA for {weights} written to {path} "
                       f"(load with PeftModel.from_pretrained(base, '{path}'); servable by vLLM/LoRAX)")
 
