@@ -140,8 +140,12 @@ def make_lora_model(model, cfg: TrainConfig, model_type: str):
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       use_rslora=cfg.use_rslora, bias="none", task_type="CAUSAL_LM",
                       fan_in_fan_out=bool(info and info.conv1d))
+    import warnings
+
     try:
-        return get_peft_model(model, lcfg)
+        with warnings.catch_warnings():  # transformers 5 deprecation noise from inside PEFT, not actionable here
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, lcfg)
     except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model"
         raise TrainError(f"LoRA target modules {targets} do not fit {model_type!r}: {str(exc).splitlines()[0]}",
                          hint="check target_modules against the model's module names") from exc
@@ -150,8 +154,12 @@ def make_lora_model(model, cfg: TrainConfig, model_type: str):
 def train_expert(base_ref: str | os.PathLike, cfg: TrainConfig, *, name: str, task: str | None = None,
                  out_dir: str | os.PathLike | None = None, registry=None, resume: bool = False, force: bool = False,
                  reporter: Reporter | None = None, run_dir: str | os.PathLike | None = None,
-                 data_root: str | os.PathLike | None = None, description: str = "", tags: list[str] | None = None) -> TrainResult:
+                 data_root: str | os.PathLike | None = None, description: str = "", tags: list[str] | None = None,
+                 skip_up_to_date: bool = True) -> TrainResult:
     """Train one LoRA expert and write it as a bundle (``out_dir`` or ``<run_dir>/bundle``), registered if ``registry``.
+
+    ``skip_up_to_date``: when ``registry`` already holds ``name`` trained on the same base, data and
+    hyperparameters, return that entry (``skipped=True``, copied to ``out_dir`` if given) instead of training.
 
     ``resume``: continue from the newest complete checkpoint in ``run_dir`` (refused if the base, data or
     hyperparameters changed, unless ``force``). Runs under ``torchrun`` use DDP; rank 0 writes everything.
@@ -184,6 +192,14 @@ def train_expert(base_ref: str | os.PathLike, cfg: TrainConfig, *, name: str, ta
     tok = basemod.load_tokenizer(bref)
     signature = run_signature(basemod.base_fingerprint(config, tok), data_fp, cfg)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(name, registry)
+    if skip_up_to_date and registry is not None and not resume:
+        entry = find_up_to_date(registry, name, signature)
+        if entry is not None:
+            rep.info(f"{name}: up to date ({entry.ref}: same base, data and hyperparameters), skipped")
+            if out_dir is not None and dist.main:
+                registry.bundle(entry.ref).export(out_dir)
+            return TrainResult(name=name, bundle_dir=str(entry.path), skipped=True, data_fingerprint=data_fp,
+                               registry_ref=entry.ref, metrics=dict(read_bundle_meta(entry.path).metrics))
 
     resume_ck = None
     if resume:
@@ -313,7 +329,7 @@ def train_recipe(recipe, *, registry, reporter: Reporter | None = None, resume: 
                                        metrics=dict(read_bundle_meta(entry.path).metrics)))
             continue
         results.append(train_expert(base_ref, cfg, name=spec.name, task=task, registry=registry, reporter=rep,
-                                    resume=resume, force=force, data_root=recipe.root))
+                                    resume=resume, force=force, data_root=recipe.root, skip_up_to_date=False))
     return results
 
 

@@ -99,6 +99,10 @@ def test_cli_trains_registers_and_prints_table(tiny_base, tmp_path):
     assert (out / "expert.json").is_file() and (out / "loss_curve.png").is_file()
     again = run_cli("train", "--base", tiny_base, "--data", data, "--name", "other", "--max-steps", "1", "--out", out)
     assert again.returncode == 1 and "already exists" in again.stderr
+    same = run_cli("train", "--base", tiny_base, "--data", data, "--name", "cli-expert", "--task", "colors",
+                   "--max-steps", "3", "--batch-size", "4", "--rank", "4", "--alpha", "8", "--max-length", "64", "--seed", "1")
+    assert same.returncode == 0 and "skipped" in same.stdout and "cli-expert@1" in same.stdout, same.stdout + same.stderr
+    assert len(Registry().find(name="cli-expert")) == 1
 
 
 @pytest.mark.parametrize("ref, needle", [("org/not-in-cache", "not in the local Hugging Face cache"),

@@ -57,7 +57,7 @@ def _results_table(results) -> None:
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Checkpoint directory [$MOEMERGE_HOME/runs/NAME].")
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint.")
 @click.option("--force", is_flag=True, help="Resume even if base, data or hyperparameters changed.")
-@click.option("--retrain", is_flag=True, help="Recipe mode: train experts that are already up to date too.")
+@click.option("--retrain", is_flag=True, help="Train even if the registry holds this expert with the same base, data and settings.")
 @click.option("--only", help="Recipe mode: comma-separated expert names to train.")
 def train_cmd(recipe, base, data, validation_data, name, task, max_steps, epochs, lr, rank, alpha, dropout, target_modules,
               batch_size, grad_accum, max_length, warmup_ratio, eval_every, save_every, seed, dtype, out_dir, run_dir,
@@ -103,11 +103,11 @@ def train_cmd(recipe, base, data, validation_data, name, task, max_steps, epochs
                 if missing:
                     raise UsageError(f"missing {', '.join(missing)}",
                                      hint="usage: moemerge train --base MODEL --data FILE --name NAME [--task TASK], or moemerge train recipe.yaml")
-                if retrain or only:
-                    raise UsageError("--retrain/--only apply to recipe mode only")
+                if only:
+                    raise UsageError("--only applies to recipe mode only")
                 cfg = TrainConfig(data=data, **overrides)
                 results = [train_expert(base, cfg, name=name, task=task, out_dir=out_dir, registry=registry,
-                                        resume=resume, force=force, reporter=rep, run_dir=run_dir)]
+                                        resume=resume, force=force, reporter=rep, run_dir=run_dir, skip_up_to_date=not retrain)]
     finally:
         teardown_distributed()
     if main_rank:
