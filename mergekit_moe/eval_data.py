@@ -56,7 +56,17 @@ def _load(path: Path, task: str | None, **tags) -> list[dict]:
     return rows
 
 
-def _from_recipe(path: Path, split: str | None, general_task: str) -> list[dict]:
+def _maybe(fn, skip_missing: bool):
+    """Call ``fn``; with ``skip_missing`` a DataError (missing split) gives no rows instead."""
+    try:
+        return fn()
+    except DataError:
+        if skip_missing:
+            return []
+        raise
+
+
+def _from_recipe(path: Path, split: str | None, general_task: str, skip_missing: bool = False) -> list[dict]:
     from .recipe import load_recipe
 
     recipe = load_recipe(path)
@@ -67,8 +77,9 @@ def _from_recipe(path: Path, split: str | None, general_task: str) -> list[dict]
         if src is None:
             continue
         task = (e.train or {}).get("task") or e.name
-        f = split_path(recipe.resolve_path(src), split, where=f"{path}: experts[{i}] ({e.name}) data")
-        rows += _load(f, task, expert=e.name)
+        where = f"{path}: experts[{i}] ({e.name}) data"
+        rows += _maybe(lambda: _load(split_path(recipe.resolve_path(src), split, where=where), task, expert=e.name),
+                       skip_missing)
     general: list[tuple[str, str | None]] = []
     if recipe.knowledge_expert is not None and recipe.knowledge_expert.calibration_data:
         general.append(("knowledge_expert", recipe.knowledge_expert.calibration_data))
@@ -76,8 +87,8 @@ def _from_recipe(path: Path, split: str | None, general_task: str) -> list[dict]
         general.append(("calibration.general_data", recipe.calibration.general_data))
     seen: set[Path] = set()
     for key, src in general:
-        f = split_path(recipe.resolve_path(src), split, where=f"{path}: {key}")
-        if f.resolve() in seen:
+        f = _maybe(lambda: split_path(recipe.resolve_path(src), split, where=f"{path}: {key}"), skip_missing)
+        if not f or f.resolve() in seen:
             continue
         seen.add(f.resolve())
         for r in _load(f, general_task):
@@ -90,18 +101,21 @@ def _from_recipe(path: Path, split: str | None, general_task: str) -> list[dict]
 
 
 def load_eval_rows(data: str | os.PathLike, split: str | None = None, *, probe: str | os.PathLike | None = None,
-                   general_task: str = "general", limit: int | None = None) -> list[dict]:
-    """Normalized evaluation rows (``data.load_rows`` form plus ``task``), probes last, ``limit`` rows per task."""
+                   general_task: str = "general", limit: int | None = None, skip_missing: bool = False) -> list[dict]:
+    """Normalized evaluation rows (``data.load_rows`` form plus ``task``), probes last, ``limit`` rows per task.
+
+    ``skip_missing``: tasks (recipe experts, task folders) without ``split`` are skipped instead of an error.
+    """
     p = Path(data).expanduser()
     if p.suffix.lower() in (".yaml", ".yml"):
-        rows = _from_recipe(p, split, general_task)
+        rows = _from_recipe(p, split, general_task, skip_missing)
     elif p.is_dir() and split_file(p, split or DEFAULT_SPLIT) is None and any(
             x.is_dir() and any((x / f"{s}{ext}").is_file() for s in SPLITS for ext in FORMATS) for x in p.iterdir()):
         # a directory of task directories: every task at the split (a task missing it is an error)
         rows = []
         for d in sorted(x for x in p.iterdir() if x.is_dir() and any(x.glob("*.*"))):
             if any((d / f"{s}{ext}").is_file() for s in SPLITS for ext in FORMATS):
-                rows += _load(split_path(d, split), d.name)
+                rows += _maybe(lambda: _load(split_path(d, split), d.name), skip_missing)
     else:
         rows = _load(split_path(p, split), None)
     if probe is not None:
@@ -121,3 +135,23 @@ def load_eval_rows(data: str | os.PathLike, split: str | None = None, *, probe: 
         raise DataError("no rows with an answer to evaluate", where=str(p),
                         hint='evaluation rows need {"prompt", "response"} or {"messages": [...]}')
     return rows
+
+
+def reference_answers(data: str | os.PathLike, split: str | None = None, *, general_task: str = "general") -> dict[str, list[str]]:
+    """Gold answers of the ``train`` split next to the evaluation data, per task (empty if there is none).
+
+    The metric choice (fixed label set or free text) then does not depend on how many evaluation
+    rows there are (``--limit``, a small test file), and labels absent from the test split still count
+    as labels (a prediction naming one is a wrong label, not an unrecognised answer).
+    """
+    if (split or DEFAULT_SPLIT) == "train":
+        return {}
+    try:
+        rows = load_eval_rows(data, "train", general_task=general_task, skip_missing=True)
+    except DataError:
+        return {}
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        if "response" in r:
+            out.setdefault(str(r["task"]), []).append(r["response"])
+    return out

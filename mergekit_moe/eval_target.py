@@ -189,9 +189,11 @@ def _load_checkpoint_target(target: str, path: Path, *, base, dtype, reporter: R
         with force_mixture(model, {name: 0.0 for name in spec.experts}):
             yield
 
+    # a single merged LoRA (one slot per layer) has nothing to route: no routing analysis
+    routed = any(lay.n_slots > 1 for lay in spec.layers.values())
     return Target(CHECKPOINT, target, str(base_ref), model, tok, adapter_params=int(spec.parameter_counts()["total"]),
                   spec=spec, expert_tasks=tasks, _base_mode=base_mode,
-                  _recorder=lambda: record_routing(model))
+                  _recorder=(lambda: record_routing(model)) if routed else None)
 
 
 def expert_weights(spec, layer: int, slot_weights) -> "Any":

@@ -222,9 +222,14 @@ def _max_new(rows: list[dict], tok, cfg: EvalConfig) -> int:
     return min(cfg.max_new_tokens_cap, longest + cfg.new_token_margin)
 
 
-def evaluate(target: Target, rows: list[dict], cfg: EvalConfig | None = None, *,
-             reporter: Reporter | None = None, data_label: str = "") -> EvalResult:
-    """Evaluate ``target`` on normalized rows (``eval_data.load_eval_rows``). See the module docstring."""
+def evaluate(target: Target, rows: list[dict], cfg: EvalConfig | None = None, *, reporter: Reporter | None = None,
+             data_label: str = "", reference: dict[str, list[str]] | None = None) -> EvalResult:
+    """Evaluate ``target`` on normalized rows (``eval_data.load_eval_rows``). See the module docstring.
+
+    ``reference``: more gold answers per task (``eval_data.reference_answers``: the training split) that
+    join the evaluation golds when choosing each task's metric and label set.
+    """
+    reference = reference or {}
     cfg = cfg or EvalConfig()
     rep = ensure(reporter)
     t0 = time.perf_counter()
@@ -263,7 +268,8 @@ def evaluate(target: Target, rows: list[dict], cfg: EvalConfig | None = None, *,
         ntok = sum(losses[id(r)][1] for r in trows)
         entry: dict[str, Any] = {"n": len(qa), "loss": nll / ntok if ntok else None, "n_loss_tokens": ntok}
         if qa:
-            metric, labels = M.choose_metric([r["response"] for r in qa], cfg.metric_overrides.get(name))
+            metric, labels = M.choose_metric([r["response"] for r in qa] + list(reference.get(name, [])),
+                                             cfg.metric_overrides.get(name))
             scores, rouges, ems = [], [], []
             for r in qa:
                 p = preds[id(r)]
@@ -278,15 +284,17 @@ def evaluate(target: Target, rows: list[dict], cfg: EvalConfig | None = None, *,
                     pr["pred_label"], pr["gold_label"] = labels.extract(p), labels.gold_label(r["response"])
                 pred_rows.append(pr)
             entry.update(metric=metric, score=M.mean(scores), rougeL=M.mean(rouges), exact_match=M.mean(ems),
-                         labels=list(labels.labels) if labels is not None else None)
+                         labels=list(labels.labels) if labels is not None else None,
+                         label_mode=labels.mode if labels is not None else None)
         else:
-            entry.update(metric=None, score=None, rougeL=None, exact_match=None, labels=None)
+            entry.update(metric=None, score=None, rougeL=None, exact_match=None, labels=None, label_mode=None)
         task_scores[name] = entry
 
     retention = None
     probes = [r for r in tasks.get(cfg.general_task, []) if "response" in r]
     if cfg.retention and cfg.general_task in tasks:
-        retention = _retention(target, tasks[cfg.general_task], probes, preds, flags, task_scores, cfg, rep)
+        retention = _retention(target, tasks[cfg.general_task], probes, preds, flags, cfg, rep,
+                               list(reference.get(cfg.general_task, [])))
     elif cfg.retention:
         rep.warn(f"no rows of task {cfg.general_task!r}: retention skipped (add general probes or pass --probe FILE)")
 
@@ -296,20 +304,21 @@ def evaluate(target: Target, rows: list[dict], cfg: EvalConfig | None = None, *,
             tagged.setdefault(str(r["task"]), set()).add(r["expert"])
     routing = _routing_summary(target, routing_acc, tagged) if routing_acc is not None else None
     tinfo = {"kind": target.kind, "name": target.name, "base_model": target.base_ref, "adapter_params": target.adapter_params}
-    settings = {"data": data_label, "general_task": cfg.general_task, "max_length": cfg.max_length,
+    settings = {"data": data_label, "reference_answers": {t: len(v) for t, v in reference.items()}, "general_task": cfg.general_task, "max_length": cfg.max_length,
                 "max_new_tokens": cfg.max_new_tokens, "metric_overrides": dict(cfg.metric_overrides), "decoding": "greedy",
                 "correct_threshold": cfg.correct_threshold}
     return EvalResult(tinfo, task_scores, retention, routing, pred_rows, settings, time.perf_counter() - t0)
 
 
-def _retention(target: Target, grows: list[dict], probes: list[dict], preds: dict, flags: dict, scores: dict,
-               cfg: EvalConfig, rep: Reporter) -> dict[str, Any]:
+def _retention(target: Target, grows: list[dict], probes: list[dict], preds: dict, flags: dict,
+               cfg: EvalConfig, rep: Reporter, reference: list[str]) -> dict[str, Any]:
     """Probe retention (base answers under ``base_mode``) and KL/perplexity shift on the general rows."""
     if target.kind == "base":  # the base against itself: nothing can shift
         r = M.retention([flags[id(p)] for p in probes], [flags[id(p)] for p in probes])
         return {**r.to_dict(), "kl": 0.0, "ppl_ratio": 1.0, "base_ppl": None, "target_ppl": None, "n_tokens": 0}
     # the same metric and label set the task scoring chose for these rows
-    metric, labels = M.choose_metric([p["response"] for p in probes] or ["x"], cfg.metric_overrides.get(cfg.general_task))
+    metric, labels = M.choose_metric([p["response"] for p in probes] + reference or ["x"],
+                                     cfg.metric_overrides.get(cfg.general_task))
     base_flags: list[bool] = []
     if probes:
         rep.start("base probes", total=len(probes))

@@ -13,7 +13,7 @@ import torch
 from helpers import make_peft_adapter, run_cli
 from mergekit_moe import metrics as M
 from mergekit_moe.errors import BaseMismatchError, DataError
-from mergekit_moe.eval_data import load_eval_rows
+from mergekit_moe.eval_data import load_eval_rows, reference_answers
 from mergekit_moe.eval_target import load_target
 from mergekit_moe.evaluate import EvalConfig, evaluate, generate, write_outputs
 
@@ -76,6 +76,18 @@ def test_rows_from_directory_and_probe_file(toy, tmp_path):
     with pytest.raises(DataError, match="no validation split") as e:
         load_eval_rows(toy["data"] / "dx" / "train.jsonl", "validation")
     assert "\n" not in str(e.value)
+
+
+def test_training_answers_decide_the_metric(toy, tiny_base):
+    ref = reference_answers(toy["data"])
+    assert len(ref["dx"]) == 12 and "general" not in ref  # general has no train split: skipped, not an error
+    assert reference_answers(toy["data"], "train") == {}
+    rows = [r for r in load_eval_rows(toy["data"], limit=2) if r["task"] == "dx"]
+    # two rows alone are too few to tell a label set; the training answers show one
+    assert M.choose_metric([r["response"] for r in rows])[0] == M.ROUGE_L
+    res = evaluate(load_target(None, base=str(tiny_base)), rows, EvalConfig(retention=False), reference=ref)
+    assert res.tasks["dx"]["metric"] == M.ACCURACY and res.tasks["dx"]["labels"] == sorted(LABELS)
+    assert res.tasks["dx"]["label_mode"] == "full" and res.settings["reference_answers"] == {"dx": 12}
 
 
 def test_rows_from_recipe(toy, tmp_path):
@@ -188,6 +200,7 @@ def test_cli_eval_bundle_from_registry(toy, tiny_base, tiny_base_factory, tmp_pa
     assert "dx" in proc.stdout and "retention" in proc.stdout and "scores.json" in proc.stdout
     scores = json.loads((out / "scores.json").read_text())
     assert scores["target"]["kind"] == "bundle" and scores["tasks"]["dx"]["metric"] == "rougeL"
+    assert scores["settings"]["reference_answers"] == {"dx": 12}
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 10 and {p["task"] for p in preds} == {"dx", "general"}
     dx = [p for p in preds if p["task"] == "dx"]

@@ -94,7 +94,7 @@ def register(group: click.Group) -> None:
         KL(base||target) / perplexity ratio on general rows. Composed checkpoints also get routing
         weights per task and layer and routing accuracy. Writes scores.json, predictions.jsonl and PNGs.
         """
-        from ..eval_data import load_eval_rows
+        from ..eval_data import load_eval_rows, reference_answers
         from ..eval_target import load_target
         from ..evaluate import EvalConfig, evaluate, write_outputs
         from ._console import RichReporter
@@ -107,6 +107,7 @@ def register(group: click.Group) -> None:
         rows = load_eval_rows(data, split, probe=probe, general_task=general_task, limit=limit)
         with RichReporter() as rep:
             tgt = load_target(target, base=base, reporter=rep)
-            result = evaluate(tgt, rows, cfg, reporter=rep, data_label=f"{data}" + (f" [{split}]" if split else ""))
+            result = evaluate(tgt, rows, cfg, reporter=rep, data_label=f"{data}" + (f" [{split}]" if split else ""),
+                              reference=reference_answers(data, split, general_task=general_task))
             paths = write_outputs(result, out_dir or _default_out(target, base))
         print_result(result, paths)
