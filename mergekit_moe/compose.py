@@ -301,15 +301,16 @@ def run_compose(plan: ComposePlan, *, registry=None, reporter: Reporter | None =
     # -- load the experts' LoRA tensors (small), validated against the base's module shapes
     t = time.perf_counter()
     rep.start("load experts", total=len(plan.experts) + (1 if plan.knowledge else 0))
-    task, infos = {}, {}
+    task, infos, knowledge_adapter = {}, {}, None
     for r in plan.experts + ([plan.knowledge] if plan.knowledge else []):
         a = read_adapter(r.adapter_dir)
         validate_adapter(a, plan.config, where=f"{r.where} ({r.name})")
         infos[r.name] = ExpertInfo(r.name, r.role, r.spec.source or "train", r.sha256, dict(r.provenance))
         if r.role == "task":
             task[r.name] = a
+        else:
+            knowledge_adapter = a
         rep.advance("load experts")
-    knowledge_adapter = read_adapter(plan.knowledge.adapter_dir) if plan.knowledge else None
     rep.finish("load experts")
     times["load"] = time.perf_counter() - t
 
@@ -349,6 +350,9 @@ def run_compose(plan: ComposePlan, *, registry=None, reporter: Reporter | None =
         general = _rows(recipe, cal.general_data if cal else None, "general", limit)
         if plan.knowledge:
             data_rows[plan.knowledge.name] = _rows(recipe, plan.knowledge.spec.calibration_data, plan.knowledge.name, limit)
+            if not general and cal is not None:
+                # no general_data: the knowledge expert's own data stands in for "general" rows
+                general = data_rows[plan.knowledge.name]
         pool = "tokens" if routing.granularity == "token" else recipe.routing.hidden_pool
         pos_states, neg_states = {}, {}
         for r in plan.experts + ([plan.knowledge] if plan.knowledge else []):

@@ -88,3 +88,25 @@ def test_merging_does_not_create_cross_terms():
     # naive factor averaging ((B1+B2)/2)((A1+A2)/2) has cross terms B1 A2 != 0
     naive = ((B1 + B2) / 2) @ ((A1 + A2) / 2)
     assert float((naive - (f1.delta() + f2.delta()) / 2).norm()) > 1e-3
+
+
+def test_lowrank_refactor_equals_the_dense_truncated_svd():
+    from mergekit_moe.moe.merge import lowrank_refactor
+
+    fs = [lora(0, r=4, out=40, inp=50), lora(1, r=6, out=40, inp=50)]
+    A, B = concat_factors(fs)
+    dense = B @ A
+    for rank in (3, 10):
+        a1, b1 = lowrank_refactor(A, B, rank)
+        a2, b2 = svd_refactor(dense, rank, exact=True)
+        torch.testing.assert_close(b1 @ a1, b2 @ a2, rtol=1e-4, atol=1e-4)
+
+
+def test_randomized_svd_on_large_deltas_is_near_optimal_and_reproducible():
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(500, 8, generator=g) @ torch.randn(8, 700, generator=g) + 0.01 * torch.randn(500, 700, generator=g)
+    A, B = svd_refactor(big, 8)                       # randomized (min dim 500 > 384)
+    Ae, Be = svd_refactor(big, 8, exact=True)
+    assert float((big - B @ A).norm()) <= float((big - Be @ Ae).norm()) * 1.01
+    A2, B2 = svd_refactor(big, 8)
+    assert torch.equal(A, A2) and torch.equal(B, B2)

@@ -43,20 +43,29 @@ def _trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density >= 1.0:
         return delta
     k = max(1, int(round(density * delta.numel())))
-    flat = delta.abs().flatten()
+    mag = delta.abs()
     # kthvalue of the (n-k+1)-th smallest = the k-th largest magnitude
-    thresh = flat.kthvalue(flat.numel() - k + 1).values
-    return torch.where(delta.abs() >= thresh, delta, torch.zeros_like(delta))
+    thresh = mag.view(-1).kthvalue(mag.numel() - k + 1).values
+    return delta * (mag >= thresh)
 
 
 def _elect_and_merge(trimmed: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """TIES steps 2-3: elect a sign per entry by total mass, average the entries that agree with it."""
-    stacked = torch.stack([t * w for t, w in zip(trimmed, weights)])  # (n, out, in)
-    sign = torch.sign(stacked.sum(dim=0))
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    num = (stacked * agree).sum(dim=0)
-    den = (agree.float() * torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1)).sum(dim=0)
-    return torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(num))
+    """TIES steps 2-3: elect a sign per entry by total mass, average the entries that agree with it.
+
+    Written as a loop over members with in-place accumulation: no (n, out, in) stack, a few
+    passes over memory per member (these elementwise passes, not the SVD, dominate on CPU).
+    """
+    total = torch.zeros_like(trimmed[0])
+    for t, w in zip(trimmed, weights):
+        total.add_(t, alpha=w)
+    sign = torch.sign(total)
+    num = torch.zeros_like(total)
+    den = torch.zeros_like(total)
+    for t, w in zip(trimmed, weights):
+        agree = (t * sign) > 0                     # nonzero and on the elected side
+        num.addcmul_(t, agree, value=w)
+        den.add_(agree, alpha=w)
+    return num.div_(den.clamp_min_(1e-12))
 
 
 def ties_merge(deltas: Sequence[torch.Tensor], density: float = 0.5, weights: Sequence[float] | None = None) -> torch.Tensor:
@@ -81,16 +90,46 @@ def dare_ties_merge(deltas: Sequence[torch.Tensor], density: float = 0.5, *, see
     return _elect_and_merge(dropped, w)
 
 
-def svd_refactor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+#: above this size a dense merge is refactored with a randomized SVD (exact SVD of 576x1536 deltas,
+#: hundreds of times per compose, is what made merging slow on CPU)
+EXACT_SVD_MAX_DIM = 384
+
+
+def svd_refactor(delta: torch.Tensor, rank: int, *, exact: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factors of ``delta`` (Eckart-Young): ``A`` (r, in), ``B`` (out, r), ``B @ A ~= delta``.
 
     The singular values are split evenly (``sqrt(S)`` on each side) so A and B have similar norms.
+    Large matrices use ``torch.svd_lowrank`` (seeded, 4 power iterations: near-optimal for a truncation)
+    unless ``exact``.
     """
     delta = delta.float()
     rank = max(1, min(int(rank), min(delta.shape)))
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    if exact is None:
+        exact = min(delta.shape) <= EXACT_SVD_MAX_DIM or rank * 4 >= min(delta.shape)
+    if exact:
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        V = Vh[:rank].T
+    else:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # svd_lowrank draws a random sketch: keep compose reproducible
+        try:
+            U, S, V = torch.svd_lowrank(delta, q=min(rank + 10, min(delta.shape)), niter=4)
+        finally:
+            torch.random.set_rng_state(state)
+        V = V[:, :rank]
     root = S[:rank].sqrt()
-    return (root[:, None] * Vh[:rank]).contiguous(), (U[:, :rank] * root[None, :]).contiguous()
+    return (root[:, None] * V.T).contiguous(), (U[:, :rank] * root[None, :]).contiguous()
+
+
+def lowrank_refactor(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact truncated SVD of ``B @ A`` (A (R, in), B (out, R)) without forming it: QR of both factors,
+    then the SVD of an R x R core. Equal to ``svd_refactor(B @ A, rank, exact=True)`` up to signs."""
+    Qb, Rb = torch.linalg.qr(B.float())            # (out, R), (R, R)
+    Qa, Ra = torch.linalg.qr(A.float().T)          # (in, R), (R, R)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)         # core (R, R)
+    rank = max(1, min(int(rank), S.shape[0]))
+    root = S[:rank].sqrt()
+    return (root[:, None] * (Vh[:rank] @ Qa.T)).contiguous(), ((Qb @ U[:, :rank]) * root[None, :]).contiguous()
 
 
 def relative_error(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> float:
@@ -124,14 +163,16 @@ def merge_factors(factors: Sequence[LoraFactors], method: str, *, rank: int | No
         A, B = f.A.float(), f.B.float() * f.scale
         if rank is None or rank >= f.rank:
             return A.contiguous(), B.contiguous()
-        return svd_refactor(B @ A, rank)
+        return lowrank_refactor(A, B, rank)
     if method == "concat":
         return concat_factors(factors, weights)
-    deltas = [f.delta() for f in factors]
+    target = rank if rank is not None else max(f.rank for f in factors)
     if method == "linear":
-        merged = linear_merge(deltas, weights)
-    elif method == "ties":
+        # the mean of the deltas is exactly the concatenation: refactor it without a dense matrix
+        return lowrank_refactor(*concat_factors(factors, weights), target)
+    deltas = [f.delta() for f in factors]
+    if method == "ties":
         merged = ties_merge(deltas, density, weights)
     else:
         merged = dare_ties_merge(deltas, density, seed=seed, weights=weights)
-    return svd_refactor(merged, rank if rank is not None else max(f.rank for f in factors))
+    return svd_refactor(merged, target)

@@ -165,25 +165,26 @@ def _residual_modules(spec: MoeSpec, L: int) -> list[str]:
 def arrow_vectors(spec: MoeSpec, L: int) -> list[torch.Tensor | None]:
     """Top right singular vector (hidden,) of each slot's delta at layer ``L`` (None for a rank-0 slot)."""
     lay = spec.layers[L]
-    H = spec.hidden_size
-    grams = [torch.zeros(H, H, dtype=torch.float64) for _ in lay.slots]
-    used = [False] * lay.n_slots
-    for m in _residual_modules(spec, L):
-        ml = spec.modules[m]
-        for s in range(lay.n_slots):
-            cols = ml.slot_of_rank == s
-            if not bool(cols.any()):
-                continue
-            A, B = ml.A[cols].double(), ml.B[:, cols].double()
-            grams[s] += A.T @ (B.T @ B) @ A  # delta^T delta, hidden x hidden
-            used[s] = True
+    mods = _residual_modules(spec, L)
     out: list[torch.Tensor | None] = []
     for s in range(lay.n_slots):
-        if not used[s]:
+        # the slot's deltas stacked vertically: blockdiag(B_m) @ [A_1; A_2; ...]. Its right singular
+        # vectors live in the row space of the stacked A: QR it, then an R x R eigenproblem (R = total rank)
+        As, Ks = [], []
+        for m in mods:
+            ml = spec.modules[m]
+            cols = ml.slot_of_rank == s
+            if bool(cols.any()):
+                B = ml.B[:, cols].double()
+                As.append(ml.A[cols].double())
+                Ks.append(B.T @ B)
+        if not As:
             out.append(None)
             continue
-        _, vecs = torch.linalg.eigh(grams[s])
-        out.append(vecs[:, -1].float())
+        Q, Ra = torch.linalg.qr(torch.cat(As).T)          # (hidden, R), (R, R)
+        core = Ra @ torch.block_diag(*Ks) @ Ra.T           # (R, R), symmetric PSD
+        _, vecs = torch.linalg.eigh(core)
+        out.append((Q @ vecs[:, -1]).float())
     return out
 
 
