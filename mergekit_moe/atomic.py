@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,8 +24,8 @@ def staging_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     """Yield an empty staging directory; on success move it to ``target`` atomically.
 
     On any exception the staging directory is removed and ``target`` is untouched.
-    If ``target`` exists and ``overwrite`` is true, the old directory is swapped out
-    (renamed aside, then deleted) only after the new one is complete.
+    If ``target`` exists and ``overwrite`` is true, the old directory is swapped out only after the
+    new one is complete: atomically on Linux (``exchange_paths``), else renamed aside, then deleted.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -36,16 +37,44 @@ def staging_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         yield stage
         _fsync_tree(stage)
         if target.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, aside / "old")
-            os.replace(stage, target)
-            shutil.rmtree(aside, ignore_errors=True)
+            if exchange_paths(stage, target):
+                shutil.rmtree(stage, ignore_errors=True)  # the staging path now holds the old directory
+            else:
+                # no atomic swap here: for a moment neither exists (the old one waits in the .old- dir)
+                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, aside / "old")
+                os.replace(stage, target)
+                shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(stage, target)
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``). False where unsupported.
+
+    With it, replacing a directory never passes through a moment where the target is missing: a kill
+    leaves the old directory or the new one at the target path.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (musl, old glibc)
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    # any failure (EINVAL on filesystems without exchange, ENOSYS on old kernels) falls back to the caller's path
+    return fn(_AT_FDCWD, os.fsencode(os.fspath(a)), _AT_FDCWD, os.fsencode(os.fspath(b)), _RENAME_EXCHANGE) == 0
 
 
 def _umask() -> int:
