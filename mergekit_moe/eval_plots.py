@@ -27,19 +27,26 @@ def routing_heatmap(routing: dict[str, Any], path: str | os.PathLike) -> None:
     experts, layers = routing["experts"], routing["layers"]
     tasks = sorted(routing["mean_weight"])
     n = len(experts)
-    fig, axes = plt.subplots(1, n, figsize=(max(3.0, 0.35 * len(layers) + 1.5) * n, 0.45 * len(tasks) + 1.8),
+    ncols = min(n, 3)  # wide models (30 layers) x many experts: wrap panels into rows
+    nrows = -(-n // ncols)
+    panel_w = max(3.0, min(6.0, 0.2 * len(layers) + 1.5))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_w * ncols + 1.0, (0.4 * len(tasks) + 1.4) * nrows + 0.6),
                              squeeze=False, constrained_layout=True)
     im = None
-    for k, name in enumerate(experts):
-        ax = axes[0][k]
+    step = max(1, len(layers) // 12)  # at most ~12 layer labels per panel
+    for k in range(nrows * ncols):
+        ax = axes[k // ncols][k % ncols]
+        if k >= n:
+            ax.axis("off")
+            continue
         grid = [[routing["mean_weight"][t][li][k] for li in range(len(layers))] for t in tasks]
         im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_title(f"expert: {name}", fontsize=9)
-        ax.set_xticks(range(len(layers)), [str(L) for L in layers], fontsize=7)
-        ax.set_yticks(range(len(tasks)), tasks if k == 0 else [""] * len(tasks), fontsize=8)
+        ax.set_title(f"expert: {experts[k]}", fontsize=9)
+        ax.set_xticks(range(0, len(layers), step), [str(L) for L in layers[::step]], fontsize=7)
+        ax.set_yticks(range(len(tasks)), tasks if k % ncols == 0 else [""] * len(tasks), fontsize=8)
         ax.set_xlabel("layer", fontsize=8)
     if im is not None:
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean mixture weight")
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="mean mixture weight")
     acc = routing.get("accuracy")
     fig.suptitle("routing weight per task and layer" + (f" (routing accuracy {acc:.2f})" if acc is not None else ""),
                  fontsize=10)

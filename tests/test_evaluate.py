@@ -145,15 +145,37 @@ def test_adapter_beats_base_and_retention_uses_exact_base(toy, tiny_base):
     assert batched == single
 
 
-def test_checkpoint_routing_analysis(toy, tiny_base, tmp_path):
+def _spec(toy, tiny_base, granularity="token"):
     from mergekit_moe.base import fingerprint_of
-    from mergekit_moe.checkpoint import save_checkpoint
     from mergekit_moe.lora import read_adapter
-    from mergekit_moe.moe.spec import MoeSpec
+    from mergekit_moe.moe.spec import MoeSpec, Routing
 
-    spec = MoeSpec.from_experts(str(tiny_base), fingerprint_of(tiny_base),
+    return MoeSpec.from_experts(str(tiny_base), fingerprint_of(tiny_base),
                                 {"dx": read_adapter(toy["lora"]), "other": read_adapter(toy["other"])},
-                                hidden_size=64, knowledge="null")
+                                hidden_size=64, knowledge="null", routing=Routing(granularity=granularity))
+
+
+def test_sequence_routing_weights_per_row(toy, tiny_base, tmp_path):
+    from mergekit_moe.checkpoint import save_checkpoint
+
+    spec = _spec(toy, tiny_base, "sequence")
+    torch.manual_seed(1)
+    for lay in spec.layers.values():
+        lay.router_weight = torch.randn_like(lay.router_weight)
+    save_checkpoint(spec, tmp_path / "ckpt")
+    rows = load_eval_rows(toy["data"], limit=3)
+    res = evaluate(load_target(str(tmp_path / "ckpt")), rows, EvalConfig(retention=False))
+    rt = res.routing
+    assert set(rt["mean_weight"]) == {"dx", "general"}
+    for per_layer in rt["mean_weight"]["dx"]:
+        assert sum(per_layer) == pytest.approx(1.0, abs=1e-5)
+    assert 0.0 <= rt["accuracy"] <= 1.0 and set(rt["per_task_accuracy"]) == {"dx", "general"}
+
+
+def test_checkpoint_routing_analysis(toy, tiny_base, tmp_path):
+    from mergekit_moe.checkpoint import save_checkpoint
+
+    spec = _spec(toy, tiny_base)
     for lay in spec.layers.values():  # a router that always picks the dx expert
         lay.router_bias = torch.tensor([6.0, 0.0, 0.0])
     ckpt = save_checkpoint(spec, tmp_path / "ckpt") or tmp_path / "ckpt"
@@ -212,16 +234,19 @@ def test_cli_eval_bundle_from_registry(toy, tiny_base, tiny_base_factory, tmp_pa
     bad = run_cli("eval", "dx-expert", "--base", other, "--data", toy["data"], "--out", tmp_path / "bad")
     assert bad.returncode == 1 and "fingerprint" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
-    # a missing split: one line naming it, before any model is loaded
-    miss = run_cli("eval", "dx-expert", "--data", toy["data"] / "dx", "--split", "validation", "--out", tmp_path / "m")
-    assert miss.returncode == 1 and "validation" in miss.stderr and len(miss.stderr.strip().splitlines()) == 1
 
 
-def test_cli_usage_errors(capsys):
+def test_cli_usage_and_missing_split_errors(toy, tmp_path, capsys):
     from mergekit_moe.cli import main
 
-    for argv, text in ((["eval", "x", "--data", "d.jsonl", "--metric", "dx=bleu"], "TASK=METRIC"),
-                       (["eval", "--data", "d.jsonl"], "nothing to evaluate")):
+    for argv, text, code in (
+            (["eval", "x", "--data", "d.jsonl", "--metric", "dx=bleu"], "TASK=METRIC", 2),
+            (["eval", "--data", "d.jsonl"], "nothing to evaluate", 2),
+            # a missing split: one line naming it, before any model is loaded, nothing written
+            (["eval", "dx-expert", "--data", str(toy["data"] / "dx"), "--split", "validation", "--out", str(tmp_path / "m")],
+             "no validation split", 1)):
         with pytest.raises(SystemExit) as e:
             main(argv)
-        assert e.value.code == 2 and text in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == code and text in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
