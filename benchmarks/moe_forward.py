@@ -18,6 +18,15 @@ and with one unmerged PEFT LoRA of the same total rank.
 
     python benchmarks/moe_forward.py                 # quick, small sizes
     python benchmarks/moe_forward.py --full --model  # hidden 2048, 8 x rank 16, 2048 tokens; 135M model
+
+Measured (--full, 1 thread, thread CPU clock, a shared 2-core x86 VM under load; overheads are
++-15% from run to run there):
+
+  layer fp32   ours 1.150x base, PEFT LoRA r128 1.181x, plain LoRA 1.141x, loop 1.482x, PEFT 8 adapters 1.451x
+               overhead ours / PEFT LoRA = 0.83 (other runs 0.76-0.98), loop / ours = 3.2 (other runs 2.5-4.4)
+  layer bf16   ours 1.144x, PEFT LoRA 1.319x, loop 1.728x: ours / PEFT LoRA = 0.45, loop / ours = 5.0
+  model fp32   135M shape, 4 x r16 on all 7 projections, 512 tokens: ours 1.167x base (token routing),
+               1.165x (sequence), PEFT LoRA r64 unmerged 1.193x; one merged LoRA = the base, 1.000x
 """
 
 from __future__ import annotations
