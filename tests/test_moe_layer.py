@@ -181,3 +181,28 @@ def test_topk_is_exact_under_ties():
     pi = r.probs(torch.randn(3, 5, 8))
     assert torch.equal((pi > 0).sum(-1), torch.full((3, 5), 2))
     assert torch.allclose(pi.sum(-1), torch.ones(3, 5)) and torch.allclose(pi.max(-1).values, torch.full((3, 5), 0.5))
+
+
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_forward_cost_does_not_grow_with_experts(granularity):
+    """No loop over experts: the ops a module + router run are the same for 2 and for 8 experts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def ops(n_experts: int) -> list[str]:
+        torch.manual_seed(0)
+        state = RoutingState()
+        router = LayerRouter(0, torch.randn(n_experts, 32), None, Routing(granularity), state)
+        slot = torch.arange(n_experts).repeat_interleave(4)
+        mod = MoeLoraLinear(nn.Linear(32, 48), torch.randn(4 * n_experts, 32), torch.randn(48, 4 * n_experts), slot,
+                            torch.ones(4 * n_experts), router)
+        x = torch.randn(2, 5, 32)
+        with torch.no_grad():
+            router.compute(x)
+            mod(x)  # warm the cached expansion
+            state.seq_cache.clear()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                router.compute(x)
+                mod(x)
+        return sorted(e.key for e in prof.key_averages() for _ in range(e.count) if e.key.startswith("aten::"))
+
+    assert ops(2) == ops(8)
