@@ -176,3 +176,24 @@ def test_errors_from_hostile_repos_are_one_line(hub_env_lfs, expert_bundle, tmp_
         pull(REPO, reg, endpoint=hub_env_lfs.url, token=TOKEN, task="t")
     assert "adapter_config.json" in str(ei.value) and "\n" not in str(ei.value)
     assert reg.find() == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "extra-py", "drop-readme"])
+def test_cli_push_of_a_bundle_that_does_not_verify_sends_no_request(hub_env_lfs, expert_bundle, tmp_path, damage):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(expert_bundle[0], bad)
+    if damage == "flip":
+        data = bytearray((bad / "adapter_model.safetensors").read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (bad / "adapter_model.safetensors").write_bytes(bytes(data))
+    elif damage == "extra-py":
+        (bad / "modeling_evil.py").write_text("import os\n")
+    else:
+        (bad / "README.md").unlink()
+    hub_env_lfs.server.requests.clear()
+    p = hub_env_lfs.run("push", bad, "medorg/pushed", env={"MOEMERGE_HOME": str(tmp_path / "home")})
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert {"flip": "adapter_model.safetensors", "extra-py": "modeling_evil.py", "drop-readme": "README.md"}[damage] in p.stderr
+    assert hub_env_lfs.server.requests == []  # not even a whoami: verification comes first
