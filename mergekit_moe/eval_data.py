@@ -42,11 +42,29 @@ def split_path(path: str | os.PathLike, split: str | None, *, where: str | None 
         raise DataError("data file not found", where=where or str(p), hint="check the path")
     if split is None or p.stem == split:
         return p
-    f = split_file(p.parent, split)
+    f = split_file(p.parent, split) or _renamed_split(p, split)
     if f is None:
         raise DataError(f"no {split} split next to {p.name} (looked for {split}.jsonl/.json/.csv/.parquet)",
                         where=where or str(p.parent), hint=f"create {split}.jsonl, pass --split with an existing split, or pass the file itself")
     return f
+
+
+_ALIASES = {"validation": ("validation", "valid", "val", "dev"), "test": ("test",), "train": ("train",)}
+
+
+def _renamed_split(p: Path, split: str) -> Path | None:
+    """``diag_train.jsonl`` -> ``diag_test.jsonl`` (also ``.train.``, ``-train-``): split files named after their task."""
+    import re
+
+    for cur in ("train", "validation", "valid", "val", "dev", "test"):
+        pat = re.compile(rf"(?<![A-Za-z]){cur}(?![A-Za-z])")
+        if cur == split or not pat.search(p.stem):
+            continue
+        for alias in _ALIASES.get(split, (split,)):
+            q = p.with_name(pat.sub(alias, p.stem, count=1) + p.suffix)
+            if q.is_file():
+                return q
+    return None
 
 
 def _load(path: Path, task: str | None, **tags) -> list[dict]:

@@ -179,7 +179,8 @@ def _load_checkpoint_target(target: str, path: Path, *, base, dtype, reporter: R
     model.eval()
     tasks = {}
     for name, info in spec.experts.items():
-        task = (info.provenance or {}).get("task")
+        prov = info.provenance or {}
+        task = prov.get("task") or (prov.get("train") or {}).get("task")
         tasks[name] = "general" if info.role == "knowledge" else str(task or name)
     reporter.info(f"loaded checkpoint {target} ({len(spec.experts)} experts) on base {base_ref}")
 

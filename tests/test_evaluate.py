@@ -73,6 +73,10 @@ def test_rows_from_directory_and_probe_file(toy, tmp_path):
     assert [(r["task"], r.get("probe", False)) for r in rows] == [("dx", False), ("dx", False), ("general", True)]
     # an explicit split on a file picks its sibling; a missing one is one error naming the folder
     assert {r["id"] for r in load_eval_rows(toy["data"] / "dx" / "train.jsonl", "test")} == {f"te{i}" for i in range(6)}
+    # split files named after their task: dx_train.jsonl -> dx_test.jsonl
+    _write_jsonl(tmp_path / "own" / "dx_train.jsonl", _dx_rows(4, "a"))
+    _write_jsonl(tmp_path / "own" / "dx_test.jsonl", _dx_rows(2, "b"))
+    assert [r["id"] for r in load_eval_rows(tmp_path / "own" / "dx_train.jsonl", "test")] == ["b0", "b1"]
     with pytest.raises(DataError, match="no validation split") as e:
         load_eval_rows(toy["data"] / "dx" / "train.jsonl", "validation")
     assert "\n" not in str(e.value)
@@ -135,7 +139,7 @@ def test_adapter_beats_base_and_retention_uses_exact_base(toy, tiny_base):
     preds = [p for p in res.predictions if p["task"] == "dx"]
     assert {"id", "task", "prompt", "prediction", "gold", "score"} <= set(preds[0])
     assert "<|im_start|>assistant" in preds[0]["prompt"]  # the chat template was applied
-    metric, labels = M.choose_metric([p["gold"] for p in preds])
+    metric, labels = dx_t["metric"], M.LabelSet(tuple(dx_t["labels"]), dx_t["label_mode"])
     assert M.mean([M.score_prediction(p["prediction"], p["gold"], metric, labels) for p in preds]) == dx_t["score"]
 
     # left-padded batches give the same greedy answers as one row at a time
