@@ -60,28 +60,33 @@ class ComposePlan:
     notes: list[str] = field(default_factory=list)   # defaults used, skipped work
 
 
-#: hook for ``hf://`` sources: (SourceRef, source text, registry, reporter) -> local bundle/adapter dir.
-#: Defaults to the Hub module's verified pull into the registry; tests or the lead may replace it.
-HubResolver = Callable[[SourceRef, str, Any, Reporter], Path]
+#: hook for ``hf://`` sources: (SourceRef, source text, registry, reporter, lock=, update=) -> local bundle dir.
+#: Defaults to the Hub module's verified, lock-pinned pull into the registry; tests may replace it.
+HubResolver = Callable[..., Path]
 
 
-def _default_hub_resolver(ref: SourceRef, text: str, registry, reporter: Reporter) -> Path:
+def _default_hub_resolver(ref: SourceRef, text: str, registry, reporter: Reporter, *, lock=None, update: bool = False) -> Path:
     from .hub_pull import fetch_expert
 
-    return Path(fetch_expert(text, registry, reporter=reporter).path)
+    return Path(fetch_expert(text, registry, lock=lock, update=update, reporter=reporter).path)
 
 
 hub_resolver: HubResolver = _default_hub_resolver
 
 
-def resolve_source(exp: ExpertSpec, recipe: Recipe, registry, reporter: Reporter) -> tuple[Path, dict[str, Any]]:
-    """An expert's ``source`` -> (local directory holding its PEFT adapter, provenance)."""
+def resolve_source(exp: ExpertSpec, recipe: Recipe, registry, reporter: Reporter, *, lock=None,
+                   update: bool = False) -> tuple[Path, dict[str, Any]]:
+    """An expert's ``source`` -> (local directory holding its PEFT adapter, provenance).
+
+    ``hf://`` sources go through :data:`hub_resolver` with the recipe's lock file (``lockfile.LockFile``):
+    the first run pins each to a commit and file hashes, later runs must match (``update`` re-resolves).
+    """
     ref = exp.source_ref
     assert ref is not None
     if ref.kind == "local":
         return recipe.resolve_path(ref.name), {"source": exp.source}
     if ref.kind == "hf":
-        return hub_resolver(ref, exp.source or "", registry, reporter), {"source": exp.source}
+        return hub_resolver(ref, exp.source or "", registry, reporter, lock=lock, update=update), {"source": exp.source}
     entry = registry.resolve(exp.source or "")
     return Path(entry.path), {"source": exp.source, "registry_ref": getattr(entry, "ref", None)}
 
@@ -139,8 +144,12 @@ def _inspect_expert(r: ResolvedExpert, shapes: dict, *, base_fp: str | None = No
 
 
 def plan_compose(recipe: Recipe, *, method: str | None = None, allow_base_mismatch: bool = False, registry=None,
-                 overwrite: bool | None = None, reporter: Reporter | None = None) -> ComposePlan:
-    """Every check that needs no weights; raises one typed error naming the key path or expert."""
+                 overwrite: bool | None = None, reporter: Reporter | None = None, recipe_path: str | os.PathLike | None = None,
+                 update_lock: bool = False) -> ComposePlan:
+    """Every check that needs no weights; raises one typed error naming the key path or expert.
+
+    With ``recipe_path``, ``hf://`` experts are pinned in ``<recipe>.lock.json`` (written once every check passed).
+    """
     from . import arch, base
     from .moe.allocate import slots_per_layer
     from .validate import module_shapes
@@ -169,6 +178,11 @@ def plan_compose(recipe: Recipe, *, method: str | None = None, allow_base_mismat
     if recipe.knowledge_expert is not None:
         specs.append((recipe.knowledge_expert, "knowledge", "knowledge_expert"))
     knowledge = None
+    lock = None
+    if recipe_path is not None and any(e.source_ref and e.source_ref.kind == "hf" for e, _, _ in specs):
+        from .lockfile import LockFile
+
+        lock = LockFile.for_recipe(recipe_path)
     for e, role, where in specs:
         r = ResolvedExpert(e.name, role, e, where)
         if e.train is not None:
@@ -176,7 +190,7 @@ def plan_compose(recipe: Recipe, *, method: str | None = None, allow_base_mismat
             r.provenance = {"source": "train", "train": dict(e.train)}
         else:
             try:
-                r.adapter_dir, r.provenance = resolve_source(e, recipe, registry, rep)
+                r.adapter_dir, r.provenance = resolve_source(e, recipe, registry, rep, lock=lock, update=update_lock)
             except MoeMergeError as exc:
                 raise type(exc)(exc.what, where=f"{where}.source ({e.name})", hint=exc.hint) from None
             _inspect_expert(r, shapes, base_fp=fp, allow_base_mismatch=allow_base_mismatch, reporter=rep)
@@ -201,6 +215,8 @@ def plan_compose(recipe: Recipe, *, method: str | None = None, allow_base_mismat
         slots = slots_per_layer(n_layers, n_task, schedule=a.schedule, profile=a.profile, min_slots=a.min, max_slots=a.max)
     if min(slots) < n_task and merge_method != "concat" and a.rank is None:
         _check_cluster_ranks(task)
+    if lock is not None and lock.dirty:
+        rep.info(f"pinned Hub experts in {lock.save()}")
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
     notes = list(recipe.defaults_used)
     if method != recipe.method:
@@ -434,11 +450,13 @@ __all__ = ["ComposePlan", "ComposeResult", "ResolvedExpert", "plan_compose", "ru
 
 
 def compose(recipe: Recipe | str | os.PathLike, *, method: str | None = None, allow_base_mismatch: bool = False,
-            overwrite: bool | None = None, registry=None, reporter: Reporter | None = None) -> "ComposeResult":
-    """Plan and run a recipe (a ``Recipe`` or a recipe file path)."""
+            overwrite: bool | None = None, registry=None, reporter: Reporter | None = None, update_lock: bool = False) -> "ComposeResult":
+    """Plan and run a recipe (a ``Recipe`` or a recipe file path: then its text is stored as given, and Hub experts locked)."""
     from .recipe import load_recipe
 
+    path = None if isinstance(recipe, Recipe) else Path(recipe)
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     plan = plan_compose(r, method=method, allow_base_mismatch=allow_base_mismatch, registry=registry, overwrite=overwrite,
-                        reporter=reporter)
-    return run_compose(plan, registry=registry, reporter=reporter, overwrite=overwrite)
+                        reporter=reporter, recipe_path=path, update_lock=update_lock)
+    text = path.read_text(encoding="utf-8") if path is not None else None
+    return run_compose(plan, registry=registry, reporter=reporter, overwrite=overwrite, recipe_text=text)

@@ -167,7 +167,8 @@ def test_hf_sources_go_through_the_resolver_hook(work, monkeypatch):
 
     seen = []
 
-    def fake(ref, text, registry, reporter):
+    def fake(ref, text, registry, reporter, **kw):
+        assert "lock" in kw  # the recipe's lock file is handed to the Hub resolver
         seen.append((ref.name, ref.version, ref.subfolder))
         return work / "exp-b"
 

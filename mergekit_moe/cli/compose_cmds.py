@@ -60,7 +60,7 @@ def validate_cmd(recipe, schema_only, method, allow_base_mismatch) -> None:
     if schema_only:
         out_console.print(f"recipe OK (schema): {len(r.experts)} expert(s), output {r.output.path}", highlight=False)
         return
-    plan = plan_compose(r, method=method, allow_base_mismatch=allow_base_mismatch, overwrite=True)
+    plan = plan_compose(r, method=method, allow_base_mismatch=allow_base_mismatch, overwrite=True, recipe_path=recipe)
     _plan_table(plan)
     out_console.print(f"recipe OK: ready to compose into {plan.output}", highlight=False)
 
@@ -73,7 +73,8 @@ def validate_cmd(recipe, schema_only, method, allow_base_mismatch) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory (overrides output.path).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (atomically, at the end).")
 @click.option("--allow-base-mismatch", is_flag=True, help="Compose experts whose base fingerprint differs from the base.")
-def compose_cmd(recipe, method, out_dir, force, allow_base_mismatch) -> None:
+@click.option("--update", "update_lock", is_flag=True, help="Re-resolve hf:// experts and rewrite RECIPE.lock.json.")
+def compose_cmd(recipe, method, out_dir, force, allow_base_mismatch, update_lock) -> None:
     """Compose LoRA experts into a Med-MoE-LoRA checkpoint from a YAML recipe.
 
     Stages: check (no weights) -> train inline experts -> allocate + merge -> router init -> calibrate -> write.
@@ -90,7 +91,8 @@ def compose_cmd(recipe, method, out_dir, force, allow_base_mismatch) -> None:
     if out_dir:
         r.output.path = str(Path(out_dir).resolve())
     with RichReporter() as rep:
-        plan = plan_compose(r, method=method, allow_base_mismatch=allow_base_mismatch, overwrite=force or None, reporter=rep)
+        plan = plan_compose(r, method=method, allow_base_mismatch=allow_base_mismatch, overwrite=force or None, reporter=rep,
+                            recipe_path=recipe, update_lock=update_lock)
         result = run_compose(plan, reporter=rep, overwrite=force or None,
                              recipe_text=Path(recipe).read_text(encoding="utf-8"))
     out_console.print(table(f"allocation ({result.method})", ["layer", "task slots", "clusters"], result.allocation))
