@@ -304,8 +304,8 @@ def evaluate(target: Target, rows: list[dict], cfg: EvalConfig | None = None, *,
             tagged.setdefault(str(r["task"]), set()).add(r["expert"])
     routing = _routing_summary(target, routing_acc, tagged) if routing_acc is not None else None
     tinfo = {"kind": target.kind, "name": target.name, "base_model": target.base_ref, "adapter_params": target.adapter_params}
-    settings = {"data": data_label, "reference_answers": {t: len(v) for t, v in reference.items()}, "general_task": cfg.general_task, "max_length": cfg.max_length,
-                "max_new_tokens": cfg.max_new_tokens, "metric_overrides": dict(cfg.metric_overrides), "decoding": "greedy",
+    settings = {"data": data_label, "reference_answers": {t: len(v) for t, v in reference.items()},
+                "general_task": cfg.general_task, "max_length": cfg.max_length, "max_new_tokens": cfg.max_new_tokens, "metric_overrides": dict(cfg.metric_overrides), "decoding": "greedy",
                 "correct_threshold": cfg.correct_threshold}
     return EvalResult(tinfo, task_scores, retention, routing, pred_rows, settings, time.perf_counter() - t0)
 
