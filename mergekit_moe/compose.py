@@ -334,6 +334,7 @@ def run_compose(plan: ComposePlan, *, registry=None, reporter: Reporter | None =
     t = time.perf_counter()
     rep.start("allocate + merge", total=None)
     alloc = allocate(task, plan.slots)
+    rep.finish("allocate + merge")
     top_k = recipe.routing.top_k if method != "topk" else (recipe.routing.top_k or 1)
     routing = Routing(recipe.routing.granularity, recipe.routing.temperature, top_k)
     single = method in ("linear", "ties", "dare_ties")
@@ -345,9 +346,9 @@ def run_compose(plan: ComposePlan, *, registry=None, reporter: Reporter | None =
                       base_fingerprint=plan.base_fingerprint, hidden_size=plan.hidden_size,
                       knowledge=None if single else knowledge_adapter, knowledge_name=None if single else kname,
                       merge_method=plan.merge_method, rank=recipe.allocation.rank, density=recipe.allocation.density,
-                      seed=recipe.allocation.seed, routing=routing, infos=infos, model_type=getattr(plan.config, "model_type", None))
+                      seed=recipe.allocation.seed, routing=routing, infos=infos, model_type=getattr(plan.config, "model_type", None),
+                      reporter=rep)
     del task, knowledge_adapter  # the spec holds the stacked factors now
-    rep.finish("allocate + merge")
     times["allocate_merge"] = time.perf_counter() - t
 
     # -- router init (needs the base for hidden states, except uniform / single merged slot)

@@ -206,3 +206,17 @@ def test_calibration_report_and_determinism(three_tasks, tiny_base, composed):
     a, b = load_checkpoint(three_tasks / "moe"), load_checkpoint(three_tasks / "moe-again")
     for L in a.layers:
         assert torch.equal(a.layers[L].router_weight, b.layers[L].router_weight)
+
+
+def test_sequence_routing_calibrates_too(three_tasks, tiny_base):
+    """One mixture per prompt (mean prompt state): the routers still learn to pick the task's expert."""
+    f = three_tasks / "recipe-seq.yaml"
+    f.write_text(recipe_text(three_tasks, tiny_base, "./moe-seq").replace("routing: {init: hidden}",
+                                                                        "routing: {init: arrow, granularity: sequence}")
+                 .replace("steps: 80", "steps: 40"))
+    res = compose(f)
+    acc = res.calibration["routing_accuracy_per_task"]
+    assert sum(acc.values()) / len(acc) > 0.6, acc  # chance: 1/4
+    from mergekit_moe.checkpoint import load_checkpoint
+
+    assert load_checkpoint(three_tasks / "moe-seq").routing.granularity == "sequence"

@@ -157,3 +157,13 @@ def test_relative_paths_resolve_against_the_recipe_folder(tmp_path):
     f.write_text(MINIMAL)
     r = load_recipe(f)
     assert r.resolve_path(r.output.path) == (tmp_path / "sub" / "out").resolve()
+
+
+def test_shipped_recipes_are_valid():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert files
+    for f in files:
+        r = load_recipe(f)
+        assert parse_recipe(dump_recipe(r)) == r

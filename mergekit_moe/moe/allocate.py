@@ -132,7 +132,8 @@ def allocate(task: dict[str, Adapter], slots: Sequence[int]) -> Allocation:
 def build_spec(task: dict[str, Adapter], allocation: Allocation, *, base_model: str, base_fingerprint: str, hidden_size: int,
                knowledge: Adapter | None = None, knowledge_name: str | None = None, merge_method: str = "linear",
                rank: int | None = None, density: float = 0.5, seed: int = 0, routing: Routing | None = None,
-               infos: dict[str, ExpertInfo] | None = None, model_type: str | None = None, dtype=torch.float32) -> MoeSpec:
+               infos: dict[str, ExpertInfo] | None = None, model_type: str | None = None, dtype=torch.float32,
+               reporter=None) -> MoeSpec:
     """Stack the merged clusters (and the knowledge slot, last) into a spec with zero routers.
 
     ``knowledge_name`` without ``knowledge`` adds the null expert (the base itself: no ranks).
@@ -150,6 +151,8 @@ def build_spec(task: dict[str, Adapter], allocation: Allocation, *, base_model: 
     mods_by_layer = layer_modules(every)
     layers: dict[int, LayerSpec] = {}
     modules: dict[str, ModuleLora] = {}
+    if reporter is not None:
+        reporter.start("merge layers", total=len(mods_by_layer))
     for L, mods in mods_by_layer.items():
         groups = allocation.clusters.get(L) or [[n] for n in task]
         slots = [SlotSpec("+".join(g), list(g), "single" if len(g) == 1 else _SLOT_METHOD[merge_method]) for g in groups]
@@ -174,6 +177,10 @@ def build_spec(task: dict[str, Adapter], allocation: Allocation, *, base_model: 
                 A = torch.cat(As, 0).contiguous()
                 modules[m] = ModuleLora(A, torch.cat(Bs, 1).contiguous(), torch.cat(idx), torch.ones(A.shape[0], dtype=dtype))
         layers[L] = LayerSpec(slots, torch.zeros(len(slots), hidden_size, dtype=torch.float32))
+        if reporter is not None:
+            reporter.advance("merge layers", 1)
+    if reporter is not None:
+        reporter.finish("merge layers")
     spec = MoeSpec(base_model, base_fingerprint, hidden_size, routing or Routing(), experts, layers, modules, model_type=model_type)
     spec.validate()
     return spec
