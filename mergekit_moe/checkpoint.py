@@ -23,7 +23,7 @@ from typing import Any
 
 from . import __version__
 from .atomic import dump_json, staging_dir
-from .errors import CheckpointError, FormatError, IntegrityError
+from .errors import CheckpointError, FormatError, IntegrityError, UnsafeFileError
 from .hashing import sha256_file
 from .moe.spec import FORMAT_VERSION, ExpertInfo, LayerSpec, ModuleLora, MoeSpec, Routing, SlotSpec
 
@@ -93,10 +93,13 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path) / CONFIG
     if not p.is_file():
         raise CheckpointError(f"no {CONFIG}", where=str(path), hint="is this a Med-MoE-LoRA checkpoint directory (moemerge compose output)?")
+    _no_link(p)
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"not valid JSON ({exc})", where=str(p)) from exc
+    except RecursionError as exc:  # absurdly nested JSON: a crafted file, not a checkpoint
+        raise FormatError("JSON nested too deeply", where=str(p)) from exc
     if not isinstance(cfg, dict):
         raise FormatError("must be a JSON object", where=str(p))
     if cfg.get("format_version") != FORMAT_VERSION:
@@ -114,14 +117,22 @@ def verify_files(path: str | os.PathLike, cfg: dict[str, Any] | None = None) -> 
         raise CheckpointError(f"{CONFIG} lists no files with hashes", where=str(path / CONFIG) + " [files]")
     for name, meta in files.items():
         p = path / name
-        if Path(name).name != name:
-            raise CheckpointError("file entry is not a plain file name", where=f"{path / CONFIG} [files.{name}]")
+        if not isinstance(name, str) or Path(name).name != name or name in (".", "..") or not isinstance(meta, dict):
+            raise CheckpointError("file entry is not a plain file name with sha256 and size", where=f"{path / CONFIG} [files.{name}]")
+        _no_link(p)
         if not p.is_file():
             raise IntegrityError("file listed in moe_config.json is missing", where=str(p))
         if p.stat().st_size != meta.get("size") or sha256_file(p) != meta.get("sha256"):
             raise IntegrityError("sha256/size does not match moe_config.json", where=str(p),
                                  hint="the checkpoint was modified or is incomplete; re-compose or re-download it")
     return files
+
+
+def _no_link(p: Path) -> None:
+    """Checkpoint files must be regular files: a symbolic link could point at anything on the machine."""
+    if p.is_symlink():
+        raise UnsafeFileError("is a symbolic link; checkpoints hold regular files only", where=str(p),
+                              hint="copy the real file into the checkpoint directory")
 
 
 def _key_error(key: str, msg: str, path: Path) -> CheckpointError:
@@ -134,7 +145,7 @@ def load_checkpoint(path: str | os.PathLike) -> MoeSpec:
 
     path = Path(path)
     cfg = read_config(path)
-    verify_files(path, cfg)
+    files = verify_files(path, cfg)
     tensors = load_safetensors(path / WEIGHTS, allowed_dtypes=_TENSOR_DTYPES)
     used: set[str] = set()
 
@@ -165,8 +176,8 @@ def load_checkpoint(path: str | os.PathLike) -> MoeSpec:
     extra = sorted(set(tensors) - used)
     if extra:
         raise _key_error(extra[0], f"unexpected tensor ({len(extra)} not described by {CONFIG})", path)
-    recipe = path / RECIPE
-    spec.recipe = recipe.read_text(encoding="utf-8") if recipe.is_file() else None
+    # only a hash-verified recipe is read (an unlisted file could be anything, or a link)
+    spec.recipe = (path / RECIPE).read_text(encoding="utf-8") if RECIPE in files else None
     try:
         spec.validate()
     except CheckpointError as exc:

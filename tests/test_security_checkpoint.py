@@ -1,7 +1,7 @@
 """Composed checkpoints from elsewhere (issue 9, items 4 and 6): hostile moe_config.json and links.
 
-Known gaps in checkpoint.py (owned by another engineer) are marked ``xfail(strict=True)``: they
-fail today, and turn into a failing XPASS as soon as they are fixed, so the marker gets removed.
+The two gaps once marked ``xfail(strict=True)`` here (deeply nested moe_config.json, symlinked
+checkpoint files) are fixed in checkpoint.py; their tests now run as plain tests.
 """
 
 from __future__ import annotations
@@ -65,9 +65,6 @@ def test_crafted_weights_in_a_checkpoint_give_a_format_error(ckpt, tmp_path):
         load_checkpoint(ck)
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.read_config catches only UnicodeDecodeError/JSONDecodeError: a deeply "
-                                       "nested moe_config.json raises RecursionError instead of our FormatError "
-                                       "(owner: checkpoint.py; fix: add RecursionError to the except)")
 def test_deeply_nested_config_is_a_format_error(ckpt, tmp_path):
     ck = _copy(ckpt, tmp_path)
     (ck / CONFIG).write_text("[" * 100_000 + "]" * 100_000)
@@ -75,9 +72,6 @@ def test_deeply_nested_config_is_a_format_error(ckpt, tmp_path):
         load_checkpoint(ck)
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.verify_files follows symbolic links (p.is_file()): a checkpoint whose "
-                                       "weights file links elsewhere loads that file; bundles refuse links "
-                                       "(owner: checkpoint.py; fix: refuse p.is_symlink() like bundle._safe_file)")
 def test_symlinked_checkpoint_file_is_refused(ckpt, tmp_path):
     ck = _copy(ckpt, tmp_path)
     elsewhere = tmp_path / "elsewhere.safetensors"
