@@ -188,6 +188,8 @@ def plan_compose(recipe: Recipe, *, method: str | None = None, allow_base_mismat
         if e.train is not None:
             r.needs_training = True
             r.provenance = {"source": "train", "train": dict(e.train)}
+            # the rank it will have, for the cluster-rank check below (TrainConfig's default when not given)
+            r.ranks = {"*": int(e.train.get("rank") or _train_default("rank", 8))}
         else:
             try:
                 r.adapter_dir, r.provenance = resolve_source(e, recipe, registry, rep, lock=lock, update=update_lock)
@@ -226,6 +228,15 @@ def plan_compose(recipe: Recipe, *, method: str | None = None, allow_base_mismat
                        slots, merge_method, out, notes)
 
 
+def _train_default(name: str, fallback: Any) -> Any:
+    import dataclasses
+
+    from .train import TrainConfig
+
+    f = {x.name: x for x in dataclasses.fields(TrainConfig)}.get(name)
+    return f.default if f is not None and f.default is not dataclasses.MISSING else fallback
+
+
 def _check_cluster_ranks(task: list[ResolvedExpert]) -> None:
     """Merging truncates a cluster to its members' rank; members of different ranks need an explicit rank."""
     ranks = {r.name: sorted(set(r.ranks.values())) for r in task if r.ranks}
@@ -259,6 +270,7 @@ def _train_pending(plan: ComposePlan, registry, rep: Reporter) -> None:
         r.adapter_dir = Path(res.bundle_dir)
         r.provenance.update({"registry_ref": res.registry_ref})
         r.needs_training = False
+        r.ranks = {}
         _inspect_expert(r, module_shapes(plan.config), base_fp=plan.base_fingerprint, reporter=rep)
 
 
