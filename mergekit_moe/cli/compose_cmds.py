@@ -99,6 +99,8 @@ def compose_cmd(recipe, method, out_dir, force, allow_base_mismatch, update_lock
     if result.calibration:
         c = result.calibration
         rows = [[t, _fmt(c["routing_accuracy_before"].get(t)), _fmt(a)] for t, a in c["routing_accuracy_per_task"].items()]
+        if c.get("general_to_knowledge_after") is not None:
+            rows.append(["general -> knowledge", _fmt(c["general_to_knowledge_before"]), _fmt(c["general_to_knowledge_after"])])
         out_console.print(table("calibration: routing accuracy on held-out rows", ["task", "before", "after"], rows))
         out_console.print(f"KL to base on general data: {_fmt(c['kl_general_before'])} -> {_fmt(c['kl_general_after'])}; "
                           f"{c['steps']} steps in {_fmt(c['seconds'])} s; report: {result.output / 'calibration'}", highlight=False)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from ..progress import Reporter, ensure
 
 GENERAL = "__general__"
+#: the row of held-out general data in reports (routing target: the knowledge slot)
+GENERAL_KEY = "(general)"
 BALANCE_DELTA = 0.1
 #: rho's learning rate relative to the routers'
 RHO_LR_FACTOR = 0.1
@@ -39,7 +41,7 @@ class CalibrationReport:
     losses: dict[str, list[float]]                          # per step: total, lm, routing, balance, kl
     accuracy_before: dict[str, float]                       # held-out routing accuracy per task (slot level)
     accuracy_after: dict[str, float]
-    mean_weight: dict[str, list[list[float]]]               # task -> (layers, experts) mean weight, held out, after
+    mean_weight: dict[str, list[list[float]]]               # task (and "(general)") -> (layers, experts) mean weight, held out
     experts: list[str]
     layers: list[int]
     kl_general_before: float | None = None
@@ -52,6 +54,8 @@ class CalibrationReport:
         return {"steps": self.steps, "routing_accuracy": sum(acc) / len(acc) if acc else None,
                 "routing_accuracy_per_task": self.accuracy_after, "routing_accuracy_before": self.accuracy_before,
                 "kl_general_before": self.kl_general_before, "kl_general_after": self.kl_general_after,
+                "general_to_knowledge_before": self.extra.get("general_to_knowledge_before"),
+                "general_to_knowledge_after": self.extra.get("general_to_knowledge_after"),
                 "final_loss": {k: v[-1] for k, v in self.losses.items() if v}, "seconds": round(self.seconds, 2)}
 
 
@@ -167,7 +171,8 @@ def evaluate_routing(model, tokenizer, spec, held_out: dict[str, list[dict]], *,
     experts = list(spec.experts)
     layers = sorted(spec.layers)
     for task, rows in held_out.items():
-        exs = _examples(rows, tokenizer, max_length, task)
+        # general rows (key GENERAL_KEY) are scored against the knowledge slot
+        exs = _examples(rows, tokenizer, max_length, GENERAL if task == GENERAL_KEY else task)
         if not exs:
             continue
         hits, total = 0, 0
@@ -231,7 +236,10 @@ def calibrate(model, tokenizer, *, task_rows: dict[str, list[dict]], held_out: d
     kw = dict(knowledge=knowledge, max_length=cfg.max_length, granularity=gran)
     was_training = model.training
     model.eval()  # no dropout: calibration is deterministic
-    acc0, _ = evaluate_routing(model, tokenizer, spec, held_out, **kw)
+    evalsets = dict(held_out)
+    if general_held_out and knowledge:
+        evalsets[GENERAL_KEY] = general_held_out
+    acc0, _ = evaluate_routing(model, tokenizer, spec, evalsets, **kw)
     kl0 = general_kl(model, tokenizer, general_held_out, max_length=cfg.max_length, granularity=gran) if general_held_out else None
     params = moe_parameters(model, rho=cfg.train_rho)
     rho_ids = {id(m.rho) for m in runtime_of(model).modules.values()}
@@ -280,10 +288,11 @@ def calibrate(model, tokenizer, *, task_rows: dict[str, list[dict]], held_out: d
             p.requires_grad_(False)
         model.train(was_training)
     model.eval()
-    acc1, weights = evaluate_routing(model, tokenizer, spec, held_out, **kw)
+    acc1, weights = evaluate_routing(model, tokenizer, spec, evalsets, **kw)
     kl1 = general_kl(model, tokenizer, general_held_out, max_length=cfg.max_length, granularity=gran) if general_held_out else None
+    g0, g1 = acc0.pop(GENERAL_KEY, None), acc1.pop(GENERAL_KEY, None)
     return CalibrationReport(cfg.steps, losses, acc0, acc1, weights, list(spec.experts), sorted(spec.layers), kl0, kl1,
-                             time.perf_counter() - t0)
+                             time.perf_counter() - t0, extra={"general_to_knowledge_before": g0, "general_to_knowledge_after": g1})
 
 
 def write_report(report: CalibrationReport, out_dir) -> list[str]:
