@@ -328,6 +328,7 @@ def _train_block(c: Checker, v: Any, path: str) -> dict[str, Any] | None:
     c.keys(v, set(fields), path)
     if "data" not in v:
         c.add(f"{path}.data", "required: the task data file to train on")
+    out = dict(v)
     for k, val in v.items():
         f = fields.get(k)
         if f is None or val is None:
@@ -335,15 +336,17 @@ def _train_block(c: Checker, v: Any, path: str) -> dict[str, Any] | None:
         default = f.default if f.default is not dataclasses.MISSING else None
         if isinstance(default, bool):
             c.bool_(v, k, path)
-        elif isinstance(default, int):
+        elif isinstance(default, int) or k == "max_steps":
             c.int_(v, k, path, lo=0)
         elif isinstance(default, float):
-            c.num(v, k, path, lo=0.0)
+            num = c.num(v, k, path, lo=0.0)
+            if num is not None:
+                out[k] = num  # `lr: 1e-4` is text in YAML 1.1: hand TrainConfig a number
         elif isinstance(default, str) or k in ("data", "validation_data", "task"):
             c.str_(v, k, path)
         elif k == "target_modules" and not isinstance(val, str):
             c.str_list(v, k, path)
-    return dict(v)
+    return out
 
 
 def _schedule_value(c: Checker, v: Any, path: str, n_task: int) -> int | str | None:

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from mergekit_moe.compose import compose
-from mergekit_moe.recipe import load_recipe
 
 WORDS = ["fever", "cough", "rash", "pain", "nausea", "report", "lung", "heart", "aspirin", "warfarin", "statin", "dose",
          "mild", "acute", "chronic", "left", "right", "upper", "lower", "stable"]

@@ -90,7 +90,7 @@ def test_inline_train_block_checked_against_trainconfig_fields():
     assert "did you mean 'rank'" in p["experts[0].train.rnak"]
     assert "experts[0].train.lr" in p
     ok = parse_recipe(MINIMAL.replace("{name: diag, source: diag@1}", "{name: diag, train: {data: d.jsonl, rank: 4, lr: 1e-3}}"))
-    assert ok.experts[0].train == {"data": "d.jsonl", "rank": 4, "lr": "1e-3"} or ok.experts[0].train["rank"] == 4
+    assert ok.experts[0].train == {"data": "d.jsonl", "rank": 4, "lr": 1e-3}  # YAML 1.1 text "1e-3" becomes a number
     assert ok.experts[0].calibration_data == "d.jsonl"
 
 
