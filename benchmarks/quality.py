@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma list of {', '.join(ALL_SYSTEMS)}")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--general-task", default="general")
+    ap.add_argument("--device", default="cpu", help="where evaluation runs (cpu, cuda)")
     args = ap.parse_args(argv)
     if not args.quick and not args.recipe:
         ap.error("pass a recipe, or --quick")
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(name: str, target: str | None, build_s: float) -> None:
         console.rule(f"[bold]{name}")
         with RichReporter() as rep:
-            tgt = load_target(target, base=base if target is None else None, registry=registry, reporter=rep)
+            tgt = load_target(target, base=base if target is None else None, registry=registry, device=args.device,
+                              reporter=rep)
             res = evaluate(tgt, rows, cfg, reporter=rep, data_label=f"{recipe_path} [{args.split}]", reference=reference)
             write_outputs(res, work / "eval" / name.replace(":", "-"))
         systems[name] = summarize(res, build_s)

@@ -45,6 +45,11 @@ class Target:
         return self._base_mode() if self._base_mode else contextlib.nullcontext()
 
     @property
+    def device(self):
+        """The device the model's weights are on (inputs are moved there)."""
+        return next(self.model.parameters()).device
+
+    @property
     def has_routing(self) -> bool:
         return self._recorder is not None
 
@@ -90,17 +95,20 @@ def check_base(target: str, recorded_model: str, recorded_fp: str | None, base: 
     return base
 
 
-def _load_base(ref: str, dtype, target: str, given: str | None = None):
-    """Load a base; when it was recorded in the target (not given by the user), say so in the error."""
+def _load_base(ref: str, dtype, target: str, given: str | None = None, device: str | None = None):
+    """Load a base (moved to ``device``); when it was recorded in the target (not given), say so in the error."""
     from .base import load_base
 
-    if given is not None and str(given) == str(ref):
-        return load_base(ref, dtype=dtype)
     try:
-        return load_base(ref, dtype=dtype)
+        model, tok = load_base(ref, dtype=dtype)
     except ModelLoadError as exc:
+        if given is not None and str(given) == str(ref):
+            raise
         raise ModelLoadError(f"cannot load the base model {ref!r} recorded in {target}: {exc.what}",
                              hint="pass --base with a local copy of that base") from exc
+    if device and device != "cpu":
+        model.to(device)  # before PEFT / MoE attach, so adapter tensors and routers land on the same device
+    return model, tok
 
 
 def _lora_params(adapter_dir: Path) -> int:
@@ -123,20 +131,23 @@ def _attach_peft(model, adapter_dir: Path, where: str):
                                 hint="pass the base the adapter was trained on with --base") from exc
 
 
-def load_target(target: str | None, *, base: str | None = None, registry=None, dtype=None,
+def load_target(target: str | None, *, base: str | None = None, registry=None, dtype=None, device: str | None = None,
                 reporter: Reporter | None = None) -> Target:
-    """Load an evaluation target. ``target`` None (or a model directory) means the bare base ``base``."""
+    """Load an evaluation target. ``target`` None (or a model directory) means the bare base ``base``.
+
+    ``device``: where the model runs (``cpu`` default, ``cuda``, ``cuda:1``...).
+    """
     rep = ensure(reporter)
     kind, path = (BASE, None) if target is None else _classify(target)
     if kind == BASE:
         ref = base if target is None else target
         if ref is None:
             raise EvalError("nothing to evaluate", hint="pass a TARGET (checkpoint, bundle, adapter) or --base MODEL")
-        model, tok = _load_base(ref, dtype, ref, ref)
+        model, tok = _load_base(ref, dtype, ref, ref, device)
         return Target(BASE, str(ref), str(ref), model, tok)
 
     if kind == CHECKPOINT:
-        return _load_checkpoint_target(str(target), path, base=base, dtype=dtype, reporter=rep)
+        return _load_checkpoint_target(str(target), path, base=base, dtype=dtype, device=device, reporter=rep)
 
     if kind == BUNDLE:
         from .bundle import read_bundle
@@ -159,7 +170,7 @@ def load_target(target: str | None, *, base: str | None = None, registry=None, d
         if not base_ref:
             raise EvalError("the adapter does not name its base model", where=str(path), hint="pass --base MODEL")
         adapter_dir, tasks = path, {}
-    model, tok = _load_base(base_ref, dtype, str(target), base)
+    model, tok = _load_base(base_ref, dtype, str(target), base, device)
     model = _attach_peft(model, adapter_dir, str(target))
     model.eval()
     rep.info(f"loaded {kind} {target} on base {base_ref}")
@@ -167,14 +178,14 @@ def load_target(target: str | None, *, base: str | None = None, registry=None, d
                   expert_tasks=tasks, _base_mode=model.disable_adapter)
 
 
-def _load_checkpoint_target(target: str, path: Path, *, base, dtype, reporter: Reporter) -> Target:
+def _load_checkpoint_target(target: str, path: Path, *, base, dtype, device, reporter: Reporter) -> Target:
     from .checkpoint import load_checkpoint
     from .moe.attach import attach_moe
     from .moe.routing import force_mixture, record_routing
 
     spec = load_checkpoint(path)
     base_ref = check_base(target, spec.base_model, spec.base_fingerprint, base)
-    model, tok = _load_base(base_ref, dtype, target, base)
+    model, tok = _load_base(base_ref, dtype, target, base, device)
     model = attach_moe(model, spec, tokenizer=tok)
     model.eval()
     tasks = {}

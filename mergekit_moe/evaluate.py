@@ -105,6 +105,7 @@ def generate(model, tok, rows: list[dict], *, max_new_tokens: int, batch_size: i
     keep = max(1, max_length - max_new_tokens)
     prompts = [_prompt_ids(r, tok)[-keep:] for r in rows]  # keep the end: the question sits there
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+    dev = next(model.parameters()).device
     out: list[str] = [""] * len(rows)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
@@ -115,7 +116,7 @@ def generate(model, tok, rows: list[dict], *, max_new_tokens: int, batch_size: i
             ids[j, T - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[j, T - len(prompts[i]):] = 1
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gcfg)
+            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gcfg).cpu()
         for j, i in enumerate(idx):
             out[i] = tok.decode(gen[j, T:], skip_special_tokens=True).strip()
         rep.advance(task, len(idx))
@@ -132,12 +133,13 @@ def _row_nll(logits, labels):
     return (nll * keep).sum(1), keep.sum(1)
 
 
-def _batches(rows: list[dict], tok, cfg: EvalConfig):
-    """Teacher-forced batches (right padding): (row indices, collated batch)."""
+def _batches(rows: list[dict], tok, cfg: EvalConfig, device="cpu"):
+    """Teacher-forced batches (right padding) on ``device``: (row indices, collated batch)."""
     exs = [tokenize_example(r, tok, cfg.max_length)[0] for r in rows]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for s in range(0, len(rows), cfg.loss_batch_size):
-        yield list(range(s, min(len(rows), s + cfg.loss_batch_size))), collate(exs[s:s + cfg.loss_batch_size], pad)
+        b = collate(exs[s:s + cfg.loss_batch_size], pad)
+        yield list(range(s, min(len(rows), s + cfg.loss_batch_size))), {k: v.to(device) for k, v in b.items()}
 
 
 def _forward(target: Target, b: dict):
@@ -160,7 +162,7 @@ def row_losses(target: Target, rows: list[dict], cfg: EvalConfig, routing: dict 
     import torch
 
     out: list[tuple[float, int]] = []
-    for idx, b in _batches(rows, target.tokenizer, cfg):
+    for idx, b in _batches(rows, target.tokenizer, cfg, target.device):
         with torch.no_grad():
             if routing is not None:
                 with target.record_routing() as rec:
@@ -179,7 +181,7 @@ def _collect_routing(target: Target, rec, mask, rows: list[dict], acc: dict) -> 
 
     ``rec.records[layer]`` holds one (pi, mask) per forward: pi (B, T, S) token / (B, 1, S) sequence routing.
     """
-    m = mask.float()
+    m = mask.float().cpu()  # the recorder keeps its tensors on the CPU
     for layer, recs in sorted(rec.records.items()):
         pi = recs[-1][0].float()
         if pi.shape[1] == m.shape[1] and pi.shape[1] > 1:  # token routing: mean over real tokens
@@ -197,7 +199,7 @@ def general_shift(target: Target, rows: list[dict], cfg: EvalConfig, reporter: R
 
     kl = nll_b = nll_t = 0.0
     n_tok = 0
-    for idx, b in _batches(rows, target.tokenizer, cfg):
+    for idx, b in _batches(rows, target.tokenizer, cfg, target.device):
         with torch.no_grad():
             with target.base_mode():
                 lb = _forward(target, b)

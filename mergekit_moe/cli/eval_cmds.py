@@ -84,8 +84,9 @@ def register(group: click.Group) -> None:
     @click.option("--max-length", type=click.IntRange(8), default=512, show_default=True, help="Max prompt + answer tokens.")
     @click.option("--general-task", default="general", show_default=True, help="Task name of the retention probes.")
     @click.option("--no-retention", is_flag=True, help="Skip base-vs-target retention and KL/perplexity shift.")
+    @click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:1, mps.")
     def eval_cmd(target, data, split, base, probe, metric, out_dir, limit, batch_size, max_new_tokens, max_length,
-                 general_task, no_retention):
+                 general_task, no_retention, device):
         """Evaluate TARGET (composed checkpoint, expert bundle or registry name, PEFT adapter) or the bare --base.
 
         Per task: accuracy on a fixed label set (detected from the gold answers) or ROUGE-L, plus
@@ -106,7 +107,7 @@ def register(group: click.Group) -> None:
         # rows first: a missing split fails before any model is loaded
         rows = load_eval_rows(data, split, probe=probe, general_task=general_task, limit=limit)
         with RichReporter() as rep:
-            tgt = load_target(target, base=base, reporter=rep)
+            tgt = load_target(target, base=base, device=device, reporter=rep)
             result = evaluate(tgt, rows, cfg, reporter=rep, data_label=f"{data}" + (f" [{split}]" if split else ""),
                               reference=reference_answers(data, split, general_task=general_task))
             paths = write_outputs(result, out_dir or _default_out(target, base))
