@@ -237,3 +237,17 @@ def test_inline_train_block_trains_then_composes(work, tiny_base):
     spec = load_checkpoint(res.output)
     assert "b" in spec.experts and Registry().find(name="b")
     assert parse_recipe(text).experts[1].train["max_steps"] == 2
+
+
+def test_lora_knowledge_expert_gets_its_own_protected_slot(work):
+    make_peft_adapter(work / "base", work / "exp-general", r=4, seed=9, scale=0.05, targets=ALL)
+    text = MINIMAL.replace("output:", "knowledge_expert: {name: general, source: ./exp-general}\n"
+                                      "allocation: {schedule: [1], merge_method: ties}\noutput:")
+    res = compose(write(work, text))
+    from mergekit_moe.checkpoint import load_checkpoint
+
+    spec = load_checkpoint(res.output)
+    assert spec.knowledge_expert == "general" and spec.experts["general"].role == "knowledge"
+    for lay in spec.layers.values():  # every layer: the merged task cluster, then the untouched knowledge slot
+        assert [s.members for s in lay.slots] == [["a", "b"], ["general"]]
+        assert lay.slots[0].method == "ties" and lay.slots[1].method == "single"
