@@ -443,8 +443,12 @@ def run_compose(plan: ComposePlan, *, registry=None, reporter: Reporter | None =
     with staging_dir(plan.output, overwrite=ow) as stage:
         inner = stage / "checkpoint"
         checkpoint.save_checkpoint(spec, inner, recipe_text=recipe_text if recipe_text is not None else dump_recipe(recipe))
+        umask = os.umask(0)
+        os.umask(umask)
         for f in inner.iterdir():
             os.replace(f, stage / f.name)
+            # safetensors writes its file 0600; a checkpoint is meant to be shared like any output
+            os.chmod(stage / f.name, 0o666 & ~umask)
         inner.rmdir()
         if report is not None:
             from .moe.calibrate import write_report

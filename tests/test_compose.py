@@ -251,3 +251,12 @@ def test_lora_knowledge_expert_gets_its_own_protected_slot(work):
     for lay in spec.layers.values():  # every layer: the merged task cluster, then the untouched knowledge slot
         assert [s.members for s in lay.slots] == [["a", "b"], ["general"]]
         assert lay.slots[0].method == "ties" and lay.slots[1].method == "single"
+
+
+def test_output_files_have_normal_permissions(work):
+    res = compose(write(work, MINIMAL))
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in res.output.iterdir():
+        if f.is_file():
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
