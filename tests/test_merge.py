@@ -110,3 +110,13 @@ def test_randomized_svd_on_large_deltas_is_near_optimal_and_reproducible():
     assert float((big - B @ A).norm()) <= float((big - Be @ Ae).norm()) * 1.01
     A2, B2 = svd_refactor(big, 8)
     assert torch.equal(A, A2) and torch.equal(B, B2)
+
+
+def test_ties_trim_keeps_about_density_on_large_deltas():
+    from mergekit_moe.moe.merge import TRIM_SAMPLE, _trim
+
+    d = torch.randn(600, 700, generator=torch.Generator().manual_seed(1))
+    assert d.numel() > TRIM_SAMPLE  # the sampled-threshold path
+    for density in (0.2, 0.5, 0.8):
+        kept = float((_trim(d, density) != 0).float().mean())
+        assert abs(kept - density) < 0.02, (density, kept)
