@@ -260,3 +260,15 @@ def test_output_files_have_normal_permissions(work):
     for f in res.output.iterdir():
         if f.is_file():
             assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+def test_bfloat16_output_loads_and_runs(work):
+    res = compose(write(work, MINIMAL.replace("output: {path: ./out}", "output: {path: ./out, dtype: bfloat16}")))
+    from mergekit_moe.checkpoint import load_moe_model
+
+    model, tok, spec = load_moe_model(res.output)
+    m = next(iter(spec.modules.values()))
+    assert m.A.dtype == torch.bfloat16 and m.B.dtype == torch.bfloat16
+    assert all(lay.router_weight.dtype == torch.float32 for lay in spec.layers.values())
+    with torch.no_grad():
+        assert torch.isfinite(model(**tok("Drug pair: a + b", return_tensors="pt")).logits).all()
