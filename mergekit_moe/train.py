@@ -54,6 +54,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+        problems = [f"{k} must be {want}" for k, ok, want in (
+            ("rank", isinstance(self.rank, int) and self.rank >= 1, "an integer >= 1"),
+            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1"),
+            ("grad_accum", isinstance(self.grad_accum, int) and self.grad_accum >= 1, "an integer >= 1"),
+            ("max_length", isinstance(self.max_length, int) and self.max_length >= 8, "an integer >= 8"),
+            ("max_steps", self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1), "an integer >= 1"),
+            ("lr", isinstance(self.lr, (int, float)) and self.lr > 0, "> 0"),
+            ("epochs", isinstance(self.epochs, (int, float)) and self.epochs > 0, "> 0"),
+            ("dropout", isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "in [0, 1)"),
+            ("val_fraction", isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1, "in [0, 1)"),
+            ("warmup_ratio", isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio <= 1, "in [0, 1]"),
+            ("dtype", self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "auto, float32 or bfloat16"),
+        ) if not ok]
+        if problems:
+            raise TrainError(f"bad train settings: {'; '.join(problems)}", hint="see `moemerge train --help`")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -269,7 +284,7 @@ def _write_outputs(result: TrainResult, *, peft_model, loop, cfg: TrainConfig, r
 
     adapter_dir = run_dir / "adapter"
     with staging_dir(adapter_dir, overwrite=True) as stage:
-        peft_model.save_pretrained(str(stage), safe_serialization=True)
+        peft_model.save_pretrained(str(stage), safe_serialization=True, save_embedding_layers=False)
     png = save_loss_curve(loop.history, run_dir / "loss_curve.png", title=f"{result.name} ({task})")
     meta = ExpertMeta(
         name=result.name, task=task, base_model=base_ref, base_fingerprint=signature["base_fingerprint"],

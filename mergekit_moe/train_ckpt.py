@@ -96,7 +96,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, peft_model, traine
     target = checkpoints_dir(run_dir) / f"{_PREFIX}{step:08d}"
     with staging_dir(target, overwrite=True) as stage:
         # PEFT writes adapter_model.safetensors + adapter_config.json (safetensors only)
-        peft_model.save_pretrained(str(stage), safe_serialization=True)
+        peft_model.save_pretrained(str(stage), safe_serialization=True, save_embedding_layers=False)
         for extra in ("README.md",):  # PEFT's model card stub is noise in a checkpoint
             (stage / extra).unlink(missing_ok=True)
         torch.save(trainer_state, stage / TRAINER_STATE)
