@@ -45,6 +45,7 @@ output: {path: ./out}
 """
 
 
+@pytest.mark.slow
 def test_compose_and_validate_block_a_tokenizer_mismatch_unless_allowed(tiny_base, swapped_tokenizer_base, tmp_path):
     (tmp_path / "base").symlink_to(tiny_base)
     make_peft_adapter(tiny_base, tmp_path / "exp-a", seed=1, scale=0.05)

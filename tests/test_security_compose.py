@@ -111,7 +111,8 @@ def _not_output(work: Path, out: Path) -> None:
         assert p.name.startswith(f".{out.name}.") or p.name.startswith(".")
 
 
-@pytest.mark.parametrize("point,complete", [("load experts", False), ("router init", False), ("checkpoint-staged", False),
+@pytest.mark.slow
+@pytest.mark.parametrize("point,complete", [("router init", False), ("checkpoint-staged", False),
                                             ("moving-files", False), ("before-rename", False), ("after-rename", True)])
 def test_sigkill_leaves_no_output_or_a_complete_one(work, point, complete):
     out = _kill(work, point, "out-" + point.replace(" ", "-"))
@@ -123,6 +124,7 @@ def test_sigkill_leaves_no_output_or_a_complete_one(work, point, complete):
         _not_output(work, out)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="atomic swap is Linux-only")
 @pytest.mark.parametrize("point,expect", [("before-swap", "old"), ("after-swap", "new")])
 def test_sigkill_during_forced_overwrite_leaves_old_or_new(work, point, expect):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import make_peft_adapter
 from hub_fixtures import *  # noqa: F403
 from hub_fixtures import TOKEN
@@ -24,6 +26,7 @@ output: {path: ./out}
 """
 
 
+@pytest.mark.slow
 def test_compose_pins_hf_experts_and_refuses_changed_content_unless_update(hub_env_lfs, expert_bundle, tiny_base, tmp_path):
     from mergekit_moe.bundle import bundle_from_adapter
     from mergekit_moe.checkpoint import load_checkpoint
