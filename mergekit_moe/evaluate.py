@@ -124,13 +124,18 @@ def generate(model, tok, rows: list[dict], *, max_new_tokens: int, batch_size: i
 
 
 def _row_nll(logits, labels):
-    """Per-row summed next-token NLL and token counts: logits (B, T, V), labels (B, T) -> (B,), (B,)."""
+    """Per-row summed next-token NLL and token counts: logits (B, T, V), labels (B, T) -> (B,), (B,).
+
+    Only the answer positions are gathered before the (V-wide) softmax: prompts are most of the tokens.
+    """
     import torch
 
     lab = labels[:, 1:]
     keep = lab != IGNORE_INDEX
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), lab.clamp(min=0), reduction="none")
-    return (nll * keep).sum(1), keep.sum(1)
+    nll_tok = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), lab[keep], reduction="none")
+    nll = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+    nll.index_add_(0, keep.nonzero()[:, 0], nll_tok)
+    return nll, keep.sum(1)
 
 
 def _batches(rows: list[dict], tok, cfg: EvalConfig, device="cpu"):

@@ -234,12 +234,13 @@ def token_kl_sum(base_logits, target_logits, mask) -> tuple[float, int]:
     """
     import torch
 
-    lp = torch.log_softmax(base_logits.float(), dim=-1)
-    lq = torch.log_softmax(target_logits.float(), dim=-1)
-    # kl_div(input=log q, target=log p) = p (log p - log q), and 0 where p == 0 (no 0 * inf = nan)
-    kl = torch.nn.functional.kl_div(lq, lp, reduction="none", log_target=True).sum(-1)  # (B, T)
     m = mask.bool()
-    return float(kl[m].sum()), int(m.sum())
+    # gather the counted positions first: the V-wide softmaxes then run on (N, V), not (B, T, V)
+    lp = torch.log_softmax(base_logits[m].float(), dim=-1)
+    lq = torch.log_softmax(target_logits[m].float(), dim=-1)
+    # kl_div(input=log q, target=log p) = p (log p - log q), and 0 where p == 0 (no 0 * inf = nan)
+    kl = torch.nn.functional.kl_div(lq, lp, reduction="none", log_target=True).sum(-1)  # (N,)
+    return float(kl.sum()), int(m.sum())
 
 
 def nll_sum(logits, labels) -> tuple[float, int]:
