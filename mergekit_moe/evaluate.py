@@ -40,6 +40,9 @@ class EvalConfig:
     loss_batch_size: int = 8              # teacher-forced batches (full-vocab logits are large)
     max_length: int = 512                 # prompt + answer tokens
     general_task: str = "general"         # rows of this task are the retention probes
+    #: probes get at least this many new tokens: a chatty base model states the answer after a preamble,
+    #: and retention is only defined on probes the base answers
+    probe_min_new_tokens: int = 48
     retention: bool = True
     correct_threshold: float = M.CORRECT_ROUGE
 
@@ -222,11 +225,13 @@ def general_shift(target: Target, rows: list[dict], cfg: EvalConfig, reporter: R
 
 
 # ------------------------------------------------------------------------------ orchestration
-def _max_new(rows: list[dict], tok, cfg: EvalConfig) -> int:
+def _max_new(rows: list[dict], tok, cfg: EvalConfig, *, probes: bool = False) -> int:
+    """Generation budget of a task: --max-new-tokens, else its longest gold answer + margin (probes: a floor)."""
     if cfg.max_new_tokens:
         return cfg.max_new_tokens
     longest = max(len(tok(r["response"], add_special_tokens=False)["input_ids"]) for r in rows)
-    return min(cfg.max_new_tokens_cap, longest + cfg.new_token_margin)
+    n = longest + cfg.new_token_margin
+    return min(cfg.max_new_tokens_cap, max(n, cfg.probe_min_new_tokens) if probes else n)
 
 
 def evaluate(target: Target, rows: list[dict], cfg: EvalConfig | None = None, *, reporter: Reporter | None = None,
@@ -257,7 +262,8 @@ def evaluate(target: Target, rows: list[dict], cfg: EvalConfig | None = None, *,
     for name, trows in tasks.items():
         qa = [r for r in trows if "response" in r]
         if qa:
-            outs = generate(target.model, tok, qa, max_new_tokens=_max_new(qa, tok, cfg), batch_size=cfg.batch_size,
+            budget = _max_new(qa, tok, cfg, probes=name == cfg.general_task)
+            outs = generate(target.model, tok, qa, max_new_tokens=budget, batch_size=cfg.batch_size,
                             max_length=cfg.max_length, reporter=rep)
             preds.update({id(r): p for r, p in zip(qa, outs)})
     rep.finish("generate")
@@ -330,7 +336,8 @@ def _retention(target: Target, grows: list[dict], probes: list[dict], preds: dic
     if probes:
         rep.start("base probes", total=len(probes))
         with target.base_mode():
-            outs = generate(target.model, target.tokenizer, probes, max_new_tokens=_max_new(probes, target.tokenizer, cfg),
+            outs = generate(target.model, target.tokenizer, probes,
+                            max_new_tokens=_max_new(probes, target.tokenizer, cfg, probes=True),
                             batch_size=cfg.batch_size, max_length=cfg.max_length, reporter=rep, task="base probes")
         rep.finish("base probes")
         base_flags = [M.is_correct(o, p["response"], metric, labels, cfg.correct_threshold) for o, p in zip(outs, probes)]

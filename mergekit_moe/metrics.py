@@ -186,14 +186,14 @@ def is_correct(prediction: str, gold: str, metric: str = ROUGE_L, labels: LabelS
     """Binary correctness of an answer, used for general-knowledge retention.
 
     Label tasks: the extracted label matches. Free text: the normalised gold appears as whole words
-    in the prediction's first line (``"Paris"`` in ``"The capital is Paris."``), or, for golds longer
-    than three words, ROUGE-L >= threshold (a one-word or numeric answer must be there exactly:
-    ROUGE's tokenizer would equate ``-46`` with ``46``).
+    in the prediction (``"Paris"`` in ``"The capital of France is Paris."``; a chatty model may state it
+    after a preamble), or, for golds longer than three words, ROUGE-L of the first line >= threshold
+    (a one-word or numeric answer must be there exactly: ROUGE's tokenizer equates ``-46`` and ``46``).
     """
     if metric == ACCURACY:
         return score_prediction(prediction, gold, metric, labels) >= 1.0
     g = normalize_answer(first_line(gold))
-    p = normalize_answer(first_line(prediction))
+    p = normalize_answer(prediction)
     if g and f" {g} " in f" {p} ":
         return True
     return len(g.split()) > 3 and rouge_l(prediction, gold) >= threshold

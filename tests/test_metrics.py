@@ -108,6 +108,7 @@ def test_rouge_l_values():
 
 def test_is_correct_for_free_text():
     assert M.is_correct("The capital of France is Paris.", "Paris")
+    assert M.is_correct("To add 94 and 21, we add the units.\n94 + 21 = 115", "115")  # after a preamble
     assert not M.is_correct("Lyon", "Paris")
     assert not M.is_correct("Parisian food", "Paris")  # whole words only
     assert M.is_correct("water boils at 100 degrees", "Water boils at 100 degrees Celsius.")  # ROUGE-L 0.91
