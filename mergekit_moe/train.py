@@ -216,61 +216,80 @@ def train_expert(base_ref: str | os.PathLike, cfg: TrainConfig, *, name: str, ta
             return TrainResult(name=name, bundle_dir=str(entry.path), skipped=True, data_fingerprint=data_fp,
                                registry_ref=entry.ref, metrics=dict(read_bundle_meta(entry.path).metrics))
 
-    resume_ck = None
-    if resume:
-        resume_ck = latest_checkpoint(run_dir)
-        if resume_ck is None:
-            rep.info(f"no complete checkpoint in {run_dir}: starting from scratch")
-        else:
-            diff = signature_diff(resume_ck.state.get("signature", {}), signature)
-            if diff and not force:
-                raise TrainError(f"cannot resume: {', '.join(diff)} changed since the checkpoint", where=str(resume_ck.path),
-                                 hint="rerun without --resume to start over, or pass --force to resume anyway")
-            if diff:
-                rep.warn(f"resuming despite changed {', '.join(diff)} (--force)")
-            rep.info(f"resuming from step {resume_ck.step} ({resume_ck.path})")
-    elif list_checkpoints(run_dir) and dist.main:
-        rep.info(f"starting over: removing checkpoints of an earlier run in {run_dir} (use --resume to continue it)")
-        clear_checkpoints(run_dir)
-    barrier(dist)
+    # one training process per run directory: two runs interleaving checkpoints would corrupt both
+    lock = _lock_run_dir(run_dir) if dist.main else None
+    try:
+        resume_ck = None
+        if resume:
+            resume_ck = latest_checkpoint(run_dir)
+            if resume_ck is None:
+                rep.info(f"no complete checkpoint in {run_dir}: starting from scratch")
+            else:
+                diff = signature_diff(resume_ck.state.get("signature", {}), signature)
+                if diff and not force:
+                    raise TrainError(f"cannot resume: {', '.join(diff)} changed since the checkpoint", where=str(resume_ck.path),
+                                     hint="rerun without --resume to start over, or pass --force to resume anyway")
+                if diff:
+                    rep.warn(f"resuming despite changed {', '.join(diff)} (--force)")
+                rep.info(f"resuming from step {resume_ck.step} ({resume_ck.path})")
+        elif list_checkpoints(run_dir) and dist.main:
+            rep.info(f"starting over: removing checkpoints of an earlier run in {run_dir} (use --resume to continue it)")
+            clear_checkpoints(run_dir)
+        barrier(dist)
 
-    train_set = tokenize_rows(train_rows, tok, cfg.max_length)
-    val_set = tokenize_rows(val_rows, tok, cfg.max_length)
-    cut = train_set.n_truncated + val_set.n_truncated
-    if cut:
-        dropped = train_set.n_dropped + val_set.n_dropped
-        rep.warn(f"{cut} of {len(train_rows) + len(val_rows)} rows are longer than max_length={cfg.max_length} and were cut"
-                 + (f"; {dropped} lost their whole answer and were dropped" if dropped else ""))
-    if not train_set.examples:
-        raise DataError("no training example has answer tokens left", where=str(train_file), hint="raise max_length")
-    rep.info(f"{len(train_set.examples)} training / {len(val_set.examples)} validation examples from {train_file}")
+        train_set = tokenize_rows(train_rows, tok, cfg.max_length)
+        val_set = tokenize_rows(val_rows, tok, cfg.max_length)
+        cut = train_set.n_truncated + val_set.n_truncated
+        if cut:
+            dropped = train_set.n_dropped + val_set.n_dropped
+            rep.warn(f"{cut} of {len(train_rows) + len(val_rows)} rows are longer than max_length={cfg.max_length} and were cut"
+                     + (f"; {dropped} lost their whole answer and were dropped" if dropped else ""))
+        if not train_set.examples:
+            raise DataError("no training example has answer tokens left", where=str(train_file), hint="raise max_length")
+        rep.info(f"{len(train_set.examples)} training / {len(val_set.examples)} validation examples from {train_file}")
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    dtype = pick_dtype(cfg.dtype, dist.device)
-    model, _ = basemod.load_base(bref, dtype=dtype, with_tokenizer=False)
-    model.to(dist.device)
-    peft_model = make_lora_model(model, cfg, config.model_type)
-    label = f"train {name}"
-    loop = run_loop(peft_model=peft_model, cfg=cfg, train_examples=train_set.examples, val_examples=val_set.examples,
-                    pad_id=tok.pad_token_id, run_dir=run_dir, signature=signature, dist=dist, reporter=rep, label=label,
-                    resume_from=resume_ck)
-    metrics = {"train_loss": loop.train_loss, "val_loss": loop.val_loss, "steps": loop.step, "tokens": loop.tokens,
-               "target_tokens": loop.target_tokens, "wall_time_s": round(loop.wall_time_s, 3),
-               "tokens_per_s": round(loop.tokens / max(loop.wall_time_s, 1e-9), 1),
-               "train_examples": len(train_set.examples), "val_examples": len(val_set.examples),
-               "truncated_rows": cut, "processes": dist.world}
-    first_val = loop.history["val"][0][1] if loop.history.get("val") else None
-    if first_val is not None:
-        metrics["initial_val_loss"] = first_val
-    result = TrainResult(name=name, bundle_dir=None, metrics=metrics, data_fingerprint=data_fp)
-    if dist.main:
-        _write_outputs(result, peft_model=peft_model, loop=loop, cfg=cfg, run_dir=run_dir, out_dir=out_dir,
-                       registry=registry, base_ref=str(base_ref), signature=signature, task=task,
-                       files=[train_file, val_file], description=description, tags=tags or [], reporter=rep)
-    barrier(dist)
-    return result
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        dtype = pick_dtype(cfg.dtype, dist.device)
+        model, _ = basemod.load_base(bref, dtype=dtype, with_tokenizer=False)
+        model.to(dist.device)
+        peft_model = make_lora_model(model, cfg, config.model_type)
+        label = f"train {name}"
+        loop = run_loop(peft_model=peft_model, cfg=cfg, train_examples=train_set.examples, val_examples=val_set.examples,
+                        pad_id=tok.pad_token_id, run_dir=run_dir, signature=signature, dist=dist, reporter=rep, label=label,
+                        resume_from=resume_ck)
+        metrics = {"train_loss": loop.train_loss, "val_loss": loop.val_loss, "steps": loop.step, "tokens": loop.tokens,
+                   "target_tokens": loop.target_tokens, "wall_time_s": round(loop.wall_time_s, 3),
+                   "tokens_per_s": round(loop.tokens / max(loop.wall_time_s, 1e-9), 1),
+                   "train_examples": len(train_set.examples), "val_examples": len(val_set.examples),
+                   "truncated_rows": cut, "processes": dist.world}
+        first_val = loop.history["val"][0][1] if loop.history.get("val") else None
+        if first_val is not None:
+            metrics["initial_val_loss"] = first_val
+        result = TrainResult(name=name, bundle_dir=None, metrics=metrics, data_fingerprint=data_fp)
+        if dist.main:
+            _write_outputs(result, peft_model=peft_model, loop=loop, cfg=cfg, run_dir=run_dir, out_dir=out_dir,
+                           registry=registry, base_ref=str(base_ref), signature=signature, task=task,
+                           files=[train_file, val_file], description=description, tags=tags or [], reporter=rep)
+        barrier(dist)
+        return result
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_dir(run_dir: Path):
+    from filelock import FileLock, Timeout
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise TrainError("another `moemerge train` is using this run directory", where=str(run_dir),
+                         hint="wait for it, or give this run another --name / --run-dir") from exc
+    return lock
 
 
 def _write_outputs(result: TrainResult, *, peft_model, loop, cfg: TrainConfig, run_dir: Path, out_dir, registry,

@@ -123,3 +123,16 @@ def test_resume_skips_a_corrupted_newest_checkpoint(tiny_base, tmp_path):
     rep = NullReporter()
     train_expert(tiny_base, cfg, name="c", run_dir=run, resume=True, reporter=rep)
     assert any("starting from scratch" in i for i in rep.infos)
+
+
+def test_second_run_on_the_same_run_dir_is_refused(tiny_base, tmp_path):
+    from filelock import FileLock
+
+    data = write_rows(tmp_path / "d.jsonl")
+    run = tmp_path / "run"
+    run.mkdir()
+    with FileLock(str(run / ".lock")):  # what a concurrent `moemerge train` holds
+        with pytest.raises(TrainError, match="another `moemerge train` is using this run directory"):
+            train_expert(tiny_base, TrainConfig(data=str(data), max_steps=1), name="l", run_dir=run)
+    res = train_expert(tiny_base, TrainConfig(data=str(data), max_steps=1, eval_every=0, save_every=0), name="l", run_dir=run)
+    assert res.metrics["steps"] == 1
