@@ -187,3 +187,27 @@ def test_recipe_training_skips_up_to_date_and_retrains_changed(tiny_base, tmp_pa
     proc = run_cli("train", recipe_path)  # the CLI path: everything is up to date now
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("skipped") == 2
+
+
+def test_base_from_the_local_hf_cache_by_hub_id(tiny_base, tmp_path, monkeypatch):
+    """A Hub id already in the HF cache trains offline (no network is touched: HF_HUB_OFFLINE=1)."""
+    import shutil
+
+    hub = tmp_path / "hf-cache-home" / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = hub / "models--acme--tiny-llama" / "snapshots" / commit
+    shutil.copytree(tiny_base, snap)
+    (hub / "models--acme--tiny-llama" / "refs").mkdir(parents=True)
+    (hub / "models--acme--tiny-llama" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-cache-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = write_jsonl(tmp_path / "d.jsonl", color_rows(10))
+    proc = run_cli("train", "--base", "acme/tiny-llama", "--data", data, "--name", "cached", "--max-steps", "1",
+                   "--eval-every", "0", "--save-every", "0")
+    assert proc.returncode == 0, proc.stderr
+    from mergekit_moe.registry import Registry
+
+    meta = Registry().bundle("cached").meta
+    from mergekit_moe.base import fingerprint_of
+
+    assert meta.base_model == "acme/tiny-llama" and meta.base_fingerprint == fingerprint_of(tiny_base)
