@@ -252,13 +252,16 @@ def run_loop(*, peft_model, cfg, train_examples: list[dict], val_examples: list[
     t0 = time.perf_counter()
     seg_tokens = 0
     while step < total:
-        micro = []
+        micro, n_target, n_tok = [], 0, 0
         for _ in range(cfg.grad_accum):
             idx = order.take(consumed, cfg.batch_size)
             consumed += cfg.batch_size
-            micro.append({k: v.to(device) for k, v in collate([train_examples[i] for i in idx[dist.rank::dist.world]], pad_id).items()})
-        counts = torch.tensor([sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro),
-                               sum(int(m["attention_mask"].sum()) for m in micro)], dtype=torch.float64, device=device)
+            b = collate([train_examples[i] for i in idx[dist.rank::dist.world]], pad_id)
+            # counted from the lists on the host: no device round trip per micro-batch
+            n_target += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+            n_tok += int(b["attention_mask"].sum())
+            micro.append({k: v.to(device, non_blocking=True) for k, v in b.items()})
+        counts = torch.tensor([n_target, n_tok], dtype=torch.float64, device=device)
         _all_reduce(dist, counts)
         # DDP averages gradients over ranks; scaling by world makes the sum the global token mean
         norm = float(counts[0]) / dist.world
