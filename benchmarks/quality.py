@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     (work / "systems.json").write_text(json.dumps(systems, indent=2, default=str), encoding="utf-8")
     console.print(text.split("## Reproduce")[0])
     console.print(f"wrote {out} and {plot}")
+    if (work / "ckpt" / "moe").exists():
+        console.print(f"Med-MoE-LoRA checkpoint: {work / 'ckpt' / 'moe'} (try: moemerge generate {work / 'ckpt' / 'moe'} \"...\" --show-routing)")
+    console.print(f"per-system scores, predictions and plots: {work / 'eval'}")
     return 0
 
 

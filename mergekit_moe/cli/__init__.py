@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import MoeMergeError, UsageError
-from . import compose_cmds, eval_cmds, hub_cmds, moe_cmds, registry_cmds, train_cmds
+from . import base_cmds, compose_cmds, eval_cmds, hub_cmds, moe_cmds, registry_cmds, train_cmds
 from ._console import err_console
 
 _STATE = {"debug": False}
@@ -36,7 +36,7 @@ def cli(debug: bool) -> None:
     quiet_libraries()
 
 
-for _module in (registry_cmds, train_cmds, moe_cmds, compose_cmds, hub_cmds, eval_cmds):
+for _module in (registry_cmds, train_cmds, moe_cmds, compose_cmds, hub_cmds, eval_cmds, base_cmds):
     _module.register(cli)
 
 
