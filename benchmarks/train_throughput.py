@@ -29,7 +29,7 @@ def run_ours(base: str, cfg, workdir: Path) -> tuple[float, int]:
     from mergekit_moe.train import train_expert
 
     res = train_expert(base, cfg, name="bench", run_dir=workdir / f"run-{time.time_ns()}", out_dir=workdir / f"out-{time.time_ns()}")
-    return res.metrics["tokens"] / res.metrics["wall_time_s"], res.metrics["tokens"]
+    return res.metrics["tokens_per_s"], res.metrics["tokens"]
 
 
 def run_trainer(base: str, cfg, workdir: Path) -> tuple[float, int]:
@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             from mergekit_moe.tiny import build_tiny_model
 
             base = str(build_tiny_model(work / "base", arch="llama", hidden=256, layers=4, heads=8, kv_heads=4))
-        cfg = TrainConfig(data=args.data, max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+        from mergekit_moe.data import resolve_file
+
+        # the training file itself: a data directory would bring its validation split (and evaluations) along
+        train_file = str(resolve_file(args.data, "train"))
+        cfg = TrainConfig(data=train_file, max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                           rank=args.rank, alpha=2 * args.rank, dropout=0.05, val_fraction=0.0, eval_every=0, save_every=0)
         results: dict[str, list[float]] = {"moemerge train": [], "PEFT + transformers.Trainer": []}
         sides = [("moemerge train", run_ours), ("PEFT + transformers.Trainer", run_trainer)]

@@ -261,7 +261,7 @@ def train_expert(base_ref: str | os.PathLike, cfg: TrainConfig, *, name: str, ta
                         resume_from=resume_ck)
         metrics = {"train_loss": loop.train_loss, "val_loss": loop.val_loss, "steps": loop.step, "tokens": loop.tokens,
                    "target_tokens": loop.target_tokens, "wall_time_s": round(loop.wall_time_s, 3),
-                   "tokens_per_s": round(loop.tokens / max(loop.wall_time_s, 1e-9), 1),
+                   "tokens_per_s": round(loop.tokens_per_s, 1),
                    "train_examples": len(train_set.examples), "val_examples": len(val_set.examples),
                    "truncated_rows": cut, "processes": dist.world}
         first_val = loop.history["val"][0][1] if loop.history.get("val") else None

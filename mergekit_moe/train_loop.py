@@ -128,6 +128,12 @@ class LoopResult:
     wall_time_s: float
     history: dict[str, list[list[float]]] = field(default_factory=dict)
     resumed_from: int | None = None
+    eval_time_s: float = 0.0          # part of wall_time_s spent on validation
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Training tokens (non-padding) per second of training, validation time excluded."""
+        return self.tokens / max(1e-9, self.wall_time_s - self.eval_time_s)
 
     @property
     def train_loss(self) -> float | None:
@@ -205,7 +211,7 @@ def run_loop(*, peft_model, cfg, train_examples: list[dict], val_examples: list[
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    step, consumed, tokens, target_tokens, wall_before = 0, 0, 0, 0, 0.0
+    step, consumed, tokens, target_tokens, wall_before, eval_before = 0, 0, 0, 0, 0.0, 0.0
     history: dict[str, list[list[float]]] = {"train": [], "val": []}
     if resume_from is not None:
         load_adapter_into(peft_model, resume_from)
@@ -221,6 +227,7 @@ def run_loop(*, peft_model, cfg, train_examples: list[dict], val_examples: list[
         st = resume_from.state
         step, consumed = int(st["step"]), int(st["consumed"])
         tokens, target_tokens, wall_before = int(st["tokens"]), int(st["target_tokens"]), float(st["wall_time_s"])
+        eval_before = float(st.get("eval_time_s", 0.0))
         history = {k: [list(x) for x in v] for k, v in st["history"].items()}
 
     order = _Order(len(train_examples), cfg.seed)
@@ -250,7 +257,7 @@ def run_loop(*, peft_model, cfg, train_examples: list[dict], val_examples: list[
         reporter.advance(label, step)
     peft_model.train()
     t0 = time.perf_counter()
-    seg_tokens = 0
+    seg_tokens, eval_s = 0, 0.0
     while step < total:
         micro, n_target, n_tok = [], 0, 0
         for _ in range(cfg.grad_accum):
@@ -286,25 +293,28 @@ def run_loop(*, peft_model, cfg, train_examples: list[dict], val_examples: list[
         history["train"].append([step, loss_val])
         metrics: dict[str, Any] = {"loss": loss_val}
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            te = time.perf_counter()
             v = evaluate()
+            eval_s += time.perf_counter() - te
             if v is not None:
                 history["val"].append([step, v])
         if history["val"]:
             metrics["val"] = history["val"][-1][1]
-        metrics["tok/s"] = f"{seg_tokens / max(1e-9, time.perf_counter() - t0):.0f}"
+        metrics["tok/s"] = f"{seg_tokens / max(1e-9, time.perf_counter() - t0 - eval_s):.0f}"
         reporter.advance(label, 1, **metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
             rngs = _gather_rng(dist)
             if dist.main:
                 state = {"consumed": consumed, "tokens": tokens, "target_tokens": target_tokens,
-                         "wall_time_s": wall_before + time.perf_counter() - t0, "history": history, "signature": signature}
+                         "wall_time_s": wall_before + time.perf_counter() - t0, "eval_time_s": eval_before + eval_s,
+                         "history": history, "signature": signature}
                 save_checkpoint(run_dir, step, peft_model=peft_model, keep=cfg.keep_checkpoints, state=state,
                                 trainer_state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs})
             barrier(dist)
         fault_point("step", step)
     reporter.finish(label)
     return LoopResult(step, total, tokens, target_tokens, wall_before + time.perf_counter() - t0, history,
-                      resume_from.step if resume_from is not None else None)
+                      resume_from.step if resume_from is not None else None, eval_before + eval_s)
 
 
 def _gather_rng(dist: Dist) -> list[dict[str, Any]]:
