@@ -10,7 +10,7 @@ A checkpoint is a directory::
     README.md              model card: base, experts table, allocation per layer, metrics
 
 It is written into a staging directory and renamed into place (never half-written). See
-docs/formats-checkpoint.md.
+docs/formats.md (composed checkpoint section).
 """
 
 from __future__ import annotations
