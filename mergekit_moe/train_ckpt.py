@@ -141,10 +141,21 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and incomplete ones older than the newest."""
+    """Delete all but the newest ``keep`` complete checkpoints, incomplete ones older than the newest, and
+    staging leftovers of interrupted saves (the run directory is locked, so no other save is in flight)."""
     cks = list_checkpoints(run_dir)
     for c in cks[max(keep, 1):]:
         shutil.rmtree(c.path, ignore_errors=True)
+    if not cks:
+        return
+    complete = {c.path.name for c in cks}
+    for p in checkpoints_dir(run_dir).iterdir():
+        name = p.name
+        stale_incomplete = (name.startswith(_PREFIX) and name[len(_PREFIX):].isdigit() and name not in complete
+                            and int(name[len(_PREFIX):]) < cks[0].step)
+        leftover = name.startswith(f".{_PREFIX}") and (".staging-" in name or ".old-" in name)
+        if p.is_dir() and (stale_incomplete or leftover):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def clear_checkpoints(run_dir: str | os.PathLike) -> None:

@@ -174,9 +174,6 @@ def _fake_checkpoint(run: Path, step: int, *, complete: bool) -> Path:
     return d
 
 
-@pytest.mark.xfail(strict=True, reason="train_ckpt.prune_checkpoints only deletes complete checkpoints; its docstring "
-                                       "promises to delete incomplete ones older than the newest too, so a checkpoint "
-                                       "half-deleted by a kill during pruning stays on disk forever (owner: train_ckpt)")
 def test_prune_removes_incomplete_checkpoints_older_than_the_newest(tmp_path):
     from mergekit_moe.train_ckpt import prune_checkpoints
 
