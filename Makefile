@@ -24,7 +24,7 @@ test: $(STAMP)
 DEMO_WORK ?= out/demo
 demo: $(STAMP)
 	$(VENV)/bin/moemerge fetch-base smollm2-135m-instruct --out .cache/SmolLM2-135M-Instruct
-	$(PY) benchmarks/quality.py recipes/medical-demo.yaml --systems base,multitask,moe --limit 40 \
+	$(PY) benchmarks/quality.py recipes/medical-demo.yaml --systems base,multitask,moe --limit 20 \
 		--work $(DEMO_WORK) --out $(DEMO_WORK)/results.md
 
 # the same pipeline on a tiny random model, in a few minutes
