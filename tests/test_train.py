@@ -72,7 +72,8 @@ def test_loss_goes_down_and_bundle_loads_in_peft(learnable_base, tmp_path):
     assert meta.data_fingerprint == data_fingerprint([data, None]) == res.data_fingerprint
     assert meta.hyperparameters["lr"] == 5e-3 and meta.hyperparameters["rank"] == 8
     assert {"train_loss", "val_loss", "steps", "tokens", "wall_time_s"} <= set(meta.metrics)
-    assert (bundle.path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(res.loss_curve).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(bundle.files) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # pushable types only
 
     tok = AutoTokenizer.from_pretrained(learnable_base)
     base = AutoModelForCausalLM.from_pretrained(learnable_base, dtype=torch.float32)
@@ -96,7 +97,7 @@ def test_cli_trains_registers_and_prints_table(tiny_base, tmp_path):
 
     meta = Registry().bundle("cli-expert").meta
     assert meta.task == "colors" and meta.hyperparameters["rank"] == 4 and meta.hyperparameters["seed"] == 1
-    assert (out / "expert.json").is_file() and (out / "loss_curve.png").is_file()
+    assert (out / "expert.json").is_file() and (tmp_path / "bundle-out-loss_curve.png").is_file()
     again = run_cli("train", "--base", tiny_base, "--data", data, "--name", "other", "--max-steps", "1", "--out", out)
     assert again.returncode == 1 and "already exists" in again.stderr
     same = run_cli("train", "--base", tiny_base, "--data", data, "--name", "cli-expert", "--task", "colors",

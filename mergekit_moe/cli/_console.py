@@ -123,3 +123,22 @@ def human_size(n: int) -> str:
 
 def now() -> float:
     return time.perf_counter()
+
+
+def fmt_value(v) -> str:
+    """A table cell: '-' for missing, 4 significant digits for floats."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def kv_table(title: str, rows) -> Table:
+    """A two-column key/value table (``info``, ``push`` summaries)."""
+    t = Table(title=title, title_justify="left", title_style="bold", show_header=False, box=None, padding=(0, 2))
+    t.add_column(style="bold cyan", no_wrap=True)
+    t.add_column(overflow="fold")
+    for k, v in rows:
+        t.add_row(k, v)
+    return t

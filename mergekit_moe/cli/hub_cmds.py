@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import click
 
+from ._console import kv_table as _kv
+
 _ENDPOINT = click.option("--endpoint", envvar="HF_ENDPOINT", metavar="URL",
                          help="Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co).")
 
 
-def _kv(title: str, rows) -> object:
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left", title_style="bold", show_header=False, box=None, padding=(0, 2))
-    t.add_column(style="bold cyan", no_wrap=True)
-    t.add_column(overflow="fold")
-    for k, v in rows:
-        t.add_row(k, v)
-    return t
 
 
 @click.command("push")

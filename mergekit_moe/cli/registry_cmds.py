@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 import click
+
+from ._console import kv_table as _kv_table
 from rich.markup import escape as esc  # user-supplied names/tags/paths must not be read as markup
 
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
@@ -38,15 +40,6 @@ def _fmt(v) -> str:
     return esc(str(v))
 
 
-def _kv_table(title: str, rows) -> "object":
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left", title_style="bold", show_header=False, box=None, padding=(0, 2))
-    t.add_column(style="bold cyan", no_wrap=True)
-    t.add_column(overflow="fold")
-    for k, v in rows:
-        t.add_row(k, v)
-    return t
 
 
 def _adapter_summary(bundle) -> list[tuple[str, str]]:

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import click
 
+from ._console import fmt_value as _fmt
+
 from ._console import err_console, out_console, table
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 def _results_table(results) -> None:
