@@ -55,13 +55,9 @@ def save_loss_curve(history: dict[str, Sequence[Sequence[float]]], path: str | o
         ax.grid(alpha=0.3)
         if train or val:
             ax.legend()
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png")
+        return _write_png(fig, path)
     finally:
         plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
 
 
 def save_line_plot(series: dict[str, Sequence[Sequence[float]]], path: str | os.PathLike, *, title: str = "",
@@ -78,10 +74,15 @@ def save_line_plot(series: dict[str, Sequence[Sequence[float]]], path: str | os.
         ax.grid(alpha=0.3)
         if series:
             ax.legend()
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png")
+        return _write_png(fig, path)
     finally:
         plt.close(fig)
+
+
+def _write_png(fig, path: str | os.PathLike) -> Path:
+    """Render ``fig`` to PNG bytes and write them atomically (no half-written image on a crash)."""
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
