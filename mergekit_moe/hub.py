@@ -181,10 +181,9 @@ def push(source: str | os.PathLike, repo_id: str, *, private: bool = False, revi
         stale = _stale_files(ref, remote, set(names))
         if ref.subfolder and meta is not None and "README.md" not in remote:
             (stage / "README.md").write_text(root_card(ref, meta), encoding="utf-8")
-        info = client.call(client.api.upload_folder, repo_id=ref.repo_id, folder_path=str(stage), revision=ref.rev,
-                           commit_message=message or f"moemerge push {kind} {label}",
-                           delete_patterns=[glob_escape(s) for s in stale] or None,
-                           what=f"upload to {ref.repo_id}", retry=False)
+        info = client.upload_folder(repo_id=ref.repo_id, folder_path=str(stage), revision=ref.rev,
+                                    commit_message=message or f"moemerge push {kind} {label}",
+                                    delete_patterns=[glob_escape(s) for s in stale] or None, warn=rep.warn)
     commit = str(info.oid)
     changed = commit != before
     if not changed:

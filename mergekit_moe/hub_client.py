@@ -9,10 +9,11 @@ file written by ``hf auth login`` under ``HF_HOME``. The endpoint is ``--endpoin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import HubError
 from .refs import COMMIT_RE, HubRef
@@ -156,6 +157,25 @@ class HubClient:
                                                getattr(lfs, "sha256", None) if lfs is not None else None)
         return out
 
+    def upload_folder(self, *, warn: Callable[[str], None] | None = None, **kwargs) -> Any:
+        """``HfApi.upload_folder`` as one commit (never retried: a commit is not idempotent).
+
+        huggingface_hub uploads large files through Xet whenever ``hf_xet`` is installed, with no
+        fallback. A self-hosted Hub-compatible server that only speaks classic LFS answers the
+        Xet token request with 404/405/501; then the upload is redone once with Xet disabled
+        (nothing was committed by the failed attempt).
+        """
+        what = f"upload to {kwargs.get('repo_id')}"
+        try:
+            return self.call(self.api.upload_folder, what=what, retry=False, **kwargs)
+        except HubError as exc:
+            if not _xet_unsupported(exc):
+                raise
+        if warn:
+            warn(f"{self.endpoint} does not support Xet uploads; uploading with classic LFS instead")
+        with xet_disabled():
+            return self.call(self.api.upload_folder, what=what, retry=False, **kwargs)
+
     def download(self, ref: HubRef, commit: str, rel: str, local_dir: str) -> str:
         """Download one file at ``commit`` into ``local_dir`` (keeps the repo layout). Returns its path."""
         from huggingface_hub import hf_hub_download
@@ -164,6 +184,25 @@ class HubClient:
         return self.call(hf_hub_download, ref.repo_id, filename=filename, revision=commit, local_dir=local_dir,
                          endpoint=self.endpoint, token=self.token, what=f"download {filename}",
                          retry_network=False, ctx={"path": filename})
+
+
+@contextlib.contextmanager
+def xet_disabled() -> Iterator[None]:
+    """Turn huggingface_hub's Xet transfers off inside the block (the flag is read at each upload)."""
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_DISABLE_XET
+    constants.HF_HUB_DISABLE_XET = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DISABLE_XET = old
+
+
+def _xet_unsupported(exc: HubError) -> bool:
+    """The server refused the Xet token endpoint: it has no Xet storage (only classic LFS)."""
+    text = str(exc)
+    return "xet-write-token" in text and any(code in text for code in ("404", "405", "501", "Not Implemented"))
 
 
 def _arg(args: tuple, kwargs: dict, name: str) -> str | None:

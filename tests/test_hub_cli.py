@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import pytest
@@ -46,6 +47,37 @@ def test_push_then_pull_roundtrip(hub_env, expert_bundle, tmp_path):
     twice = hub_env.run("pull", "medorg/dx-expert", env={"MOEMERGE_HOME": str(home)})
     assert twice.returncode == 0 and "Already registered" in twice.stdout
     assert len(Registry(home).find()) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hf_xet") is None, reason="hf_xet not installed: the client never tries Xet")
+def test_push_falls_back_to_lfs_when_the_server_has_no_xet(hub_env_lfs, expert_bundle, tmp_path):
+    """A classic-LFS server (no Xet) with hf_xet installed and Xet left on: the client's Xet attempt
+    fails on xet-write-token (501), push says so and commits through LFS instead."""
+    bdir, _ = expert_bundle
+    home = tmp_path / "home"
+    env = {"MOEMERGE_HOME": str(home), "HF_HUB_DISABLE_XET": "0"}
+    p = hub_env_lfs.run("push", bdir, "medorg/dx-expert", env=env)
+    assert p.returncode == 0, p.stderr
+    assert "does not support Xet" in p.stderr
+    head = hub_env_lfs.server.repo("medorg/dx-expert").head()
+    assert head.oid == _commit(p.stdout) and head.files["adapter_model.safetensors"].lfs
+    assert hub_env_lfs.server.commit_count("medorg/dx-expert") == 2  # the initial commit + one push, nothing half-done
+    q = hub_env_lfs.run("pull", "medorg/dx-expert", env=env)
+    assert q.returncode == 0, q.stderr
+    (entry,) = Registry(home).find()
+    assert sha256_file(entry.path / "adapter_model.safetensors") == sha256_file(bdir / "adapter_model.safetensors")
+
+
+def test_xet_disabled_restores_the_flag():
+    from huggingface_hub import constants
+
+    from mergekit_moe.hub_client import xet_disabled
+
+    before = constants.HF_HUB_DISABLE_XET
+    with pytest.raises(RuntimeError), xet_disabled():
+        assert constants.HF_HUB_DISABLE_XET is True
+        raise RuntimeError("boom")
+    assert constants.HF_HUB_DISABLE_XET == before
 
 
 def test_push_registry_name_and_search(hub_env_lfs, expert_bundle, tmp_path):
