@@ -215,9 +215,26 @@ def test_sequence_routing_calibrates_too(three_tasks, tiny_base):
     f.write_text(recipe_text(three_tasks, tiny_base, "./moe-seq").replace("routing: {init: hidden}",
                                                                         "routing: {init: arrow, granularity: sequence}")
                  .replace("steps: 80", "steps: 40"))
-    res = compose(f)
+    from mergekit_moe.progress import NullReporter
+
+    class Progress(NullReporter):  # records what a progress bar would show
+        def __init__(self):
+            super().__init__()
+            self.totals, self.done = {}, {}
+
+        def start(self, task, total=None):
+            self.totals[task], self.done[task] = total, 0
+
+        def advance(self, task, n=1, **metrics):
+            self.done[task] += n
+
+    rep = Progress()
+    res = compose(f, reporter=rep)
     acc = res.calibration["routing_accuracy_per_task"]
     assert sum(acc.values()) / len(acc) > 0.6, acc  # chance: 1/4
+    # every long stage of calibration shows progress that reaches its total (the held-out passes too)
+    for task in ("calibrate", "held-out routing, before", "held-out routing, after", "KL to base, before", "KL to base, after"):
+        assert rep.totals[task] and rep.done[task] == rep.totals[task], (task, rep.totals, rep.done)
     from mergekit_moe.checkpoint import load_checkpoint
 
     assert load_checkpoint(three_tasks / "moe-seq").routing.granularity == "sequence"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import re
+
 import pytest
 import torch
 from helpers import make_peft_adapter, run_cli
@@ -120,6 +122,9 @@ def test_cli_inspect_and_generate(spec, tmp_path, tiny_base):
     p = run_cli("inspect", out, check=True)
     for text in ("diagnosis", "ddi", "null", "knowledge", "sequence-level", "moe_lora.safetensors", "all file hashes verified"):
         assert text in p.stdout, text
+    # slot members are shown literally (not eaten as rich markup), equal layers collapse into one range row
+    assert "diagnosis[diagnosis] r=" in p.stdout and "slot[members] rank" in p.stdout
+    assert re.search(r"│ 0-3 +│ 3 +│", p.stdout), p.stdout
     # the completion printed by the CLI equals an in-process greedy generation with the same checkpoint
     model, tok, _ = load_moe_model(out)
     text = tok.apply_chat_template([{"role": "user", "content": "fever and cough"}], tokenize=False, add_generation_prompt=True)

@@ -58,3 +58,11 @@ def test_missing_base_is_one_line_error(tmp_path):
     assert "\n" not in str(ei.value)
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         base.load_config("someorg/not-cached-model")
+
+
+def test_layer_ranges_collapses_only_consecutive_equal_rows():
+    from mergekit_moe.cli._console import layer_ranges
+
+    rows = [(0, 1, "a"), (1, 1, "a"), (2, 2, "a|b"), (3, 2, "a|b"), (4, 1, "a"), (6, 1, "a"), (7, 2, "a")]
+    assert layer_ranges(rows) == [["0-1", 1, "a"], ["2-3", 2, "a|b"], ["4", 1, "a"], ["6", 1, "a"], ["7", 2, "a"]]
+    assert layer_ranges([]) == []

@@ -113,6 +113,20 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[obj
     return t
 
 
+def layer_ranges(rows: Iterable[Sequence[object]]) -> list[list[object]]:
+    """Collapse consecutive per-layer rows ``(layer, *cells)`` with equal cells into ``("0-9", *cells)``.
+
+    A 30-layer model with a 3-group schedule prints 3 rows instead of 30.
+    """
+    out: list[list[object]] = []
+    for layer, *cells in rows:
+        if out and out[-1][1:] == cells and out[-1][0][1] + 1 == layer:
+            out[-1][0] = (out[-1][0][0], layer)
+        else:
+            out.append([(layer, layer), *cells])
+    return [[f"{a}-{b}" if a != b else str(a), *cells] for (a, b), *cells in out]
+
+
 def human_size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":

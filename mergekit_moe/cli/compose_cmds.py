@@ -6,7 +6,7 @@ import click
 
 from ._console import fmt_value as _fmt
 
-from ._console import err_console, out_console, table
+from ._console import err_console, layer_ranges, out_console, table
 
 _METHODS = ["moe", "linear", "ties", "dare_ties", "topk", "uniform"]
 
@@ -91,7 +91,7 @@ def compose_cmd(recipe, method, out_dir, force, allow_base_mismatch, update_lock
                             recipe_path=recipe, update_lock=update_lock)
         result = run_compose(plan, reporter=rep, overwrite=force or None,
                              recipe_text=Path(recipe).read_text(encoding="utf-8"))
-    out_console.print(table(f"allocation ({result.method})", ["layer", "task slots", "clusters"], result.allocation))
+    out_console.print(table(f"allocation ({result.method})", ["layers", "task slots", "clusters"], layer_ranges(result.allocation)))
     if result.calibration:
         c = result.calibration
         rows = [[t, _fmt(c["routing_accuracy_before"].get(t)), _fmt(a)] for t, a in c["routing_accuracy_per_task"].items()]

@@ -29,7 +29,9 @@ def _kv(title: str, rows):
 def inspect_cmd(ckpt: str) -> None:
     """Summarise a composed checkpoint (experts, slots per layer, parameters, files) and verify its hashes."""
     from ..checkpoint import inspect_checkpoint
-    from ._console import human_size, out_console, table
+    from rich.markup import escape
+
+    from ._console import human_size, layer_ranges, out_console, table
 
     s = inspect_checkpoint(ckpt)  # raises IntegrityError on any mismatch
     spec, counts = s.spec, s.spec.parameter_counts()
@@ -45,9 +47,10 @@ def inspect_cmd(ckpt: str) -> None:
     rows = []
     for L, lay in sorted(spec.layers.items()):
         ranks = spec.slot_ranks(L)
-        rows.append((L, lay.n_slots, ", ".join(f"{sl.name}[{'+'.join(sl.members)}] r={sum(ranks[sl.name].values())}"
-                                               for sl in lay.slots)))
-    out_console.print(table("Slots per layer (total rank over the layer's modules)", ["layer", "slots", "slot[members] rank"], rows))
+        rows.append((L, lay.n_slots, escape(", ".join(f"{sl.name}[{'+'.join(sl.members)}] r={sum(ranks[sl.name].values())}"
+                                                      for sl in lay.slots))))
+    out_console.print(table("Slots per layer (total rank over the layer's modules)",
+                            ["layers", "slots", escape("slot[members] rank")], layer_ranges(rows)))
     out_console.print(table("Files", ["file", "size", "sha256", "check"],
                             [(n, human_size(m["size"]), m["sha256"][:16], "[green]ok[/]") for n, m in sorted(s.files.items())]))
     if spec.metrics:

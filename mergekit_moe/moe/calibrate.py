@@ -163,16 +163,20 @@ def _routing_loss(pis, targets, mask) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_routing(model, tokenizer, spec, held_out: dict[str, list[dict]], *, knowledge: str | None, max_length: int,
-                     granularity: str, batch_size: int = 16) -> tuple[dict[str, float], dict[str, list[list[float]]]]:
+                     granularity: str, batch_size: int = 16, reporter: Reporter | None = None,
+                     label: str = "held-out routing") -> tuple[dict[str, float], dict[str, list[list[float]]]]:
     """Slot-level routing accuracy per task and mean expert weight (layers, experts) per task on held-out rows."""
+    rep = ensure(reporter)
     pad = tokenizer.pad_token_id or 0
     dev = next(model.parameters()).device
     acc, weights = {}, {}
     experts = list(spec.experts)
     layers = sorted(spec.layers)
-    for task, rows in held_out.items():
-        # general rows (key GENERAL_KEY) are scored against the knowledge slot
-        exs = _examples(rows, tokenizer, max_length, GENERAL if task == GENERAL_KEY else task)
+    # general rows (key GENERAL_KEY) are scored against the knowledge slot
+    sets = {task: _examples(rows, tokenizer, max_length, GENERAL if task == GENERAL_KEY else task)
+            for task, rows in held_out.items()}
+    rep.start(label, total=sum(len(e) for e in sets.values()))
+    for task, exs in sets.items():
         if not exs:
             continue
         hits, total = 0, 0
@@ -192,25 +196,33 @@ def evaluate_routing(model, tokenizer, spec, held_out: dict[str, list[dict]], *,
                 for s, slot in enumerate(spec.layers[L].slots):
                     for m in slot.members:  # a merged slot's weight is split among its members
                         wsum[li, experts.index(m)] += float(p[:, s].sum()) / len(slot.members)
+            rep.advance(label, len(chunk))
         acc[task] = hits / max(total, 1)
         weights[task] = (wsum / len(exs)).tolist()
+    rep.finish(label)
     return acc, weights
 
 
 @torch.no_grad()
-def general_kl(model, tokenizer, rows: list[dict], *, max_length: int, granularity: str, batch_size: int = 16) -> float | None:
+def general_kl(model, tokenizer, rows: list[dict], *, max_length: int, granularity: str, batch_size: int = 16,
+               reporter: Reporter | None = None, label: str = "KL to base") -> float | None:
     """Mean per-token KL(base || model) on general rows (None without rows)."""
+    rep = ensure(reporter)
     exs = _examples(rows, tokenizer, max_length, GENERAL)
     if not exs:
         return None
     dev = next(model.parameters()).device
     tot, n = 0.0, 0
+    rep.start(label, total=len(exs))
     for i in range(0, len(exs), batch_size):
-        batch = _batch(exs[i:i + batch_size], tokenizer.pad_token_id or 0, dev)
+        chunk = exs[i:i + batch_size]
+        batch = _batch(chunk, tokenizer.pad_token_id or 0, dev)
         logits, _ = _forward(model, batch, granularity, detach=True)
-        rows_ = torch.ones(len(exs[i:i + batch_size]), dtype=torch.bool, device=dev)
-        tot += float(_kl_to_base(model, batch, logits, rows_)) * len(exs[i:i + batch_size])
-        n += len(exs[i:i + batch_size])
+        rows_ = torch.ones(len(chunk), dtype=torch.bool, device=dev)
+        tot += float(_kl_to_base(model, batch, logits, rows_)) * len(chunk)
+        n += len(chunk)
+        rep.advance(label, len(chunk))
+    rep.finish(label)
     return tot / n
 
 
@@ -239,8 +251,9 @@ def calibrate(model, tokenizer, *, task_rows: dict[str, list[dict]], held_out: d
     evalsets = dict(held_out)
     if general_held_out and knowledge:
         evalsets[GENERAL_KEY] = general_held_out
-    acc0, _ = evaluate_routing(model, tokenizer, spec, evalsets, **kw)
-    kl0 = general_kl(model, tokenizer, general_held_out, max_length=cfg.max_length, granularity=gran) if general_held_out else None
+    acc0, _ = evaluate_routing(model, tokenizer, spec, evalsets, **kw, reporter=rep, label="held-out routing, before")
+    kl0 = (general_kl(model, tokenizer, general_held_out, max_length=cfg.max_length, granularity=gran, reporter=rep,
+                      label="KL to base, before") if general_held_out else None)
     params = moe_parameters(model, rho=cfg.train_rho)
     rho_ids = {id(m.rho) for m in runtime_of(model).modules.values()}
     # rho rescales whole experts: a smaller step than the routers' keeps it near 1 unless the data insists
@@ -288,8 +301,9 @@ def calibrate(model, tokenizer, *, task_rows: dict[str, list[dict]], held_out: d
             p.requires_grad_(False)
         model.train(was_training)
     model.eval()
-    acc1, weights = evaluate_routing(model, tokenizer, spec, evalsets, **kw)
-    kl1 = general_kl(model, tokenizer, general_held_out, max_length=cfg.max_length, granularity=gran) if general_held_out else None
+    acc1, weights = evaluate_routing(model, tokenizer, spec, evalsets, **kw, reporter=rep, label="held-out routing, after")
+    kl1 = (general_kl(model, tokenizer, general_held_out, max_length=cfg.max_length, granularity=gran, reporter=rep,
+                      label="KL to base, after") if general_held_out else None)
     g0, g1 = acc0.pop(GENERAL_KEY, None), acc1.pop(GENERAL_KEY, None)
     return CalibrationReport(cfg.steps, losses, acc0, acc1, weights, list(spec.experts), sorted(spec.layers), kl0, kl1,
                              time.perf_counter() - t0, extra={"general_to_knowledge_before": g0, "general_to_knowledge_after": g1})
