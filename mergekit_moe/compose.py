@@ -221,6 +221,8 @@ def plan_compose(recipe: Recipe, *, method: str | None = None, allow_base_mismat
         rep.info(f"pinned Hub experts in {lock.save()}")
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
     notes = list(recipe.defaults_used)
+    if method in ("linear", "ties", "dare_ties"):  # one merged LoRA: no slots, no routers, whatever the recipe says
+        notes = [n for n in notes if not n.startswith(("allocation", "routing", "knowledge_expert", "calibration"))]
     if method != recipe.method:
         notes.append(f"method = {method} (from the command line; the recipe says {recipe.method})")
     return ComposePlan(recipe, method, bref, fp, cfg, n_layers, int(hidden), task, knowledge,
