@@ -52,3 +52,29 @@ def test_two_process_ddp_matches_one_process(tiny_base, tmp_path):
     m2 = json.loads((tmp_path / "two" / "expert.json").read_text())["metrics"]
     assert m2["processes"] == 2 and m1["tokens"] == m2["tokens"]
     assert abs(m1["val_loss"] - m2["val_loss"]) < 1e-4 and abs(m1["train_loss"] - m2["train_loss"]) < 1e-4
+
+
+def test_accelerate_launch_runs_the_same_ddp(tiny_base, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (what docs/scaling.md shows) starts 2 processes through
+    torchrun; without GPUs they use gloo, and the result equals one process on the same global batch."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    if accelerate is None:
+        import pytest
+
+        pytest.skip("accelerate is not installed (dev extra)")
+    data = write_rows(tmp_path / "d.jsonl")
+    single = run_cli("train", "--base", tiny_base, "--data", data, "--name", "one", "--out", tmp_path / "one", *FLAGS)
+    assert single.returncode == 0, single.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), HF_HOME=str(tmp_path / "hf"))
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "mergekit_moe", "train", "--base", str(tiny_base), "--data", str(data),
+           "--name", "acc", "--out", str(tmp_path / "acc"), *FLAGS]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("acc@1") == 1
+    m1 = json.loads((tmp_path / "one" / "expert.json").read_text())["metrics"]
+    m2 = json.loads((tmp_path / "acc" / "expert.json").read_text())["metrics"]
+    assert m2["processes"] == 2 and m1["tokens"] == m2["tokens"]
+    assert abs(m1["train_loss"] - m2["train_loss"]) < 1e-4
