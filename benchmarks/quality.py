@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     from mergekit_moe.registry import Registry
 
     quiet_libraries()
-    console = Console()
+    # a log file gets the full table, not one cut to 80 columns
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     recipe_path = quick_recipe(work) if args.quick else Path(args.recipe)
     recipe = load_recipe(recipe_path)
     registry = Registry()
@@ -321,12 +322,34 @@ def main(argv: list[str] | None = None) -> int:
     text = write_report(systems, out, recipe_path=Path(os.path.relpath(recipe_path, REPO)) if not args.quick else recipe_path,
                         argv=shown, split=args.split, limit=limit, n_rows=len(rows), general_task=args.general_task, plot=plot)
     (work / "systems.json").write_text(json.dumps(systems, indent=2, default=str), encoding="utf-8")
-    console.print(text.split("## Reproduce")[0])
-    console.print(f"wrote {out} and {plot}")
-    if (work / "ckpt" / "moe").exists():
-        console.print(f"Med-MoE-LoRA checkpoint: {work / 'ckpt' / 'moe'} (try: moemerge generate {work / 'ckpt' / 'moe'} \"...\" --show-routing)")
-    console.print(f"per-system scores, predictions and plots: {work / 'eval'}")
+    print_summary(console, systems, general_task=args.general_task, n_rows=len(rows), split=args.split)
+    console.print(f"[bold]report[/]: {out} (table, settings, how to reproduce); plot: {plot}", highlight=False)
+    moe = work / "ckpt" / "moe"
+    if moe.exists():
+        console.print(f"[bold]Med-MoE-LoRA checkpoint[/]: {moe}", highlight=False)
+        console.print(f"  calibration plots: {moe / 'calibration'} (loss_curves.png, routing_heatmap.png)", highlight=False)
+        console.print(f"  try: moemerge inspect {moe}    moemerge generate {moe} \"Symptoms: ...\" --show-routing",
+                      highlight=False, markup=False)
+    console.print(f"[bold]per-system outputs[/]: {work / 'eval'}/<system>/ (scores.json, predictions.jsonl, task_scores.png, "
+                  "routing_heatmap.png)", highlight=False)
     return 0
+
+
+def print_summary(console, systems: dict, *, general_task: str, n_rows: int, split: str) -> None:
+    """The comparison as a terminal table (the markdown report is for the file)."""
+    from mergekit_moe.cli._console import table
+
+    tasks = sorted({t for s in systems.values() for t in s["tasks"] if t != general_task})
+    metrics = next(iter(systems.values()))["metrics"]
+    head = ["system", *[f"{t}\n({metrics.get(t)})" for t in tasks], "task avg", "retention", "KL(base||sys)", "params"]
+    best = max((s["average"] for s in systems.values() if s["average"] is not None), default=None)
+    rows = []
+    for name, s in systems.items():
+        avg = _f(s["average"])
+        rows.append([name, *[_f(s["tasks"].get(t)) for t in tasks],
+                     f"[bold green]{avg}[/]" if s["average"] is not None and s["average"] == best else avg,
+                     _f(s["retention"]), _f(s["kl"], 4), f"{s['params']:,}"])
+    console.print(table(f"results on the {split} split ({n_rows} rows)", head, rows))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """benchmarks/quality.py bookkeeping: oracle routing arithmetic and the markdown report (no models).
 
-The full pipeline runs with ``python benchmarks/quality.py --quick`` (minutes: it trains and composes).
+The last test runs the whole pipeline as `make demo-quick` does (``benchmarks/quality.py --quick``, ~10 s).
 """
 
 from __future__ import annotations
@@ -59,3 +59,27 @@ def test_report_has_table_ranking_and_command(bench, tmp_path):
     assert rows[2].startswith("| moe | 0.800 | 0.600 | 0.700 | 0.450 | 0.900 |") and "1,234" in rows[2]
     assert "Ranking by task average: moe (0.700), base (0.150)" in text
     assert "python benchmarks/quality.py recipes/demo.yaml" in text and "![scores by system](results_scores.png)" in text
+
+
+def test_quick_demo_pipeline_end_to_end(tmp_path):
+    """`make demo-quick`'s command: trains, composes, evaluates on a tiny random model and tells where everything is."""
+    import os
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    env = dict(os.environ, MOEMERGE_HOME=str(tmp_path / "home"))
+    p = subprocess.run([sys.executable, "benchmarks/quality.py", "--quick", "--systems", "base,multitask,moe", "--work", str(work)],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # the comparison as a table with every system, then where the outputs are
+    for name in ("base", "multitask", "moe"):
+        assert f"│ {name} " in p.stdout, p.stdout
+    assert "task avg" in p.stdout and "retention" in p.stdout
+    moe = work / "ckpt" / "moe"
+    assert f"Med-MoE-LoRA checkpoint: {moe}" in p.stdout and str(work / "results.md") in p.stdout
+    assert (moe / "moe_config.json").is_file() and (moe / "calibration" / "routing_heatmap.png").is_file()
+    for name in ("base", "multitask", "moe"):
+        assert (work / "eval" / name / "scores.json").is_file() and (work / "eval" / name / "task_scores.png").is_file()
+    report = (work / "results.md").read_text()
+    assert report.count("\n| ") == 4 and (work / "results_scores.png").stat().st_size > 1000
