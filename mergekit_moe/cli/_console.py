@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Iterable, Sequence
 
@@ -9,9 +10,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+
+
+def _console(**kwargs) -> Console:
+    """A terminal keeps its own width; a pipe or log file gets 120 columns instead of rich's 80, so tables and
+    progress lines written to a log are not cut to ellipses (``COLUMNS`` still wins)."""
+    c = Console(**kwargs)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c = Console(width=120, **kwargs)
+    return c
+
+
 #: results (tables, completions) go to stdout; progress and notices to stderr
-out_console = Console(soft_wrap=True)
-err_console = Console(stderr=True)
+out_console = _console(soft_wrap=True)
+err_console = _console(stderr=True)
 
 
 def quiet_libraries() -> None:
