@@ -54,7 +54,7 @@ def toy(tmp_path_factory, tiny_base):
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
     opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
     batch = collate([tokenize_example(r, tok, 64)[0] for r in _dx_rows(12, "tr")], tok.pad_token_id)
-    for _ in range(40):
+    for _ in range(120):
         loss = peft(**batch).loss
         opt.zero_grad()
         loss.backward()
