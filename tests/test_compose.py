@@ -166,7 +166,7 @@ def test_baselines_from_the_same_recipe(work, method):
 
 
 def test_hf_sources_go_through_the_resolver_hook(work, monkeypatch):
-    import mergekit_moe.compose as comp
+    import mergekit_moe.compose_plan as comp
 
     seen = []
 
