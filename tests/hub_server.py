@@ -758,8 +758,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--upload-mode", choices=["lfs", "regular"], default="lfs")
+    ap.add_argument("--org", action="append", default=[], metavar="NAME",
+                    help="another organisation the write token's user (alice) may push to, besides medorg (repeatable)")
     args = ap.parse_args()
-    srv = HubServer(port=args.port, upload_mode=args.upload_mode)
+    tokens = {"hf_test_write": ("alice", ["medorg", *args.org]), "hf_test_bob": ("bob", [])}
+    srv = HubServer(port=args.port, upload_mode=args.upload_mode, tokens=tokens)
     print(f"serving on {srv.url}; tokens: {', '.join(srv.state.tokens)}", flush=True)
     srv.httpd.serve_forever()
 
