@@ -42,6 +42,12 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in ("transformers", "peft", "datasets", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # libraries' deprecation notices to each other (transformers' `is_gradient_checkpointing`, called by PEFT)
+    # are for their developers, not for someone training an expert
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
     if "transformers" not in sys.modules and "datasets" not in sys.modules:
         return
     try:

@@ -21,7 +21,8 @@ def _plan_table(plan) -> None:
         rows.append(["null", "knowledge", "the base model itself", "-", "0", plan.base_fingerprint[:12]])
     out_console.print(table(f"experts (base fingerprint {plan.base_fingerprint[:12]})",
                             ["expert", "role", "source", "adapter", "rank", "base fp"], rows))
-    out_console.print(f"method {plan.method}; task slots per layer: {plan.slots} (merge: {plan.merge_method})", highlight=False)
+    slots = ", ".join(f"layers {layers}: {n}" for layers, n in layer_ranges(enumerate(plan.slots)))
+    out_console.print(f"method {plan.method}; task slots: {slots} (merge: {plan.merge_method})", highlight=False)
 
 
 def _install_sigterm() -> None:

@@ -31,7 +31,7 @@ def inspect_cmd(ckpt: str) -> None:
     from ..checkpoint import inspect_checkpoint
     from rich.markup import escape
 
-    from ._console import human_size, layer_ranges, out_console, table
+    from ._console import fmt_value, human_size, layer_ranges, out_console, table
 
     s = inspect_checkpoint(ckpt)  # raises IntegrityError on any mismatch
     spec, counts = s.spec, s.spec.parameter_counts()
@@ -54,7 +54,7 @@ def inspect_cmd(ckpt: str) -> None:
     out_console.print(table("Files", ["file", "size", "sha256", "check"],
                             [(n, human_size(m["size"]), m["sha256"][:16], "[green]ok[/]") for n, m in sorted(s.files.items())]))
     if spec.metrics:
-        out_console.print(table("Metrics", ["metric", "value"], sorted((k, v) for k, v in spec.metrics.items())))
+        out_console.print(table("Metrics", ["metric", "value"], sorted((k, fmt_value(v)) for k, v in spec.metrics.items())))
     out_console.print("[green]✓[/] all file hashes verified")
 
 
