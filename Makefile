@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(PY) benchmarks/quality.py recipes/medical-demo.yaml --systems base,multitask,moe --limit 20 \
 		--work $(DEMO_WORK) --out $(DEMO_WORK)/results.md
 
-# the same pipeline on a tiny random model, in a few minutes
+# the same pipeline on a tiny random model, in seconds (a smoke test: a random model scores 0)
 demo-quick: $(STAMP)
 	$(PY) benchmarks/quality.py --quick --systems base,multitask,moe --work out/demo-quick
 

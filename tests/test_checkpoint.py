@@ -123,7 +123,7 @@ def test_cli_inspect_and_generate(spec, tmp_path, tiny_base):
     for text in ("diagnosis", "ddi", "null", "knowledge", "sequence-level", "moe_lora.safetensors", "all file hashes verified"):
         assert text in p.stdout, text
     # slot members are shown literally (not eaten as rich markup), equal layers collapse into one range row
-    assert "diagnosis[diagnosis] r=" in p.stdout and "slot[members] rank" in p.stdout
+    assert "diagnosis r=" in p.stdout and "null r=0" in p.stdout
     assert re.search(r"│ 0-3 +│ 3 +│", p.stdout), p.stdout
     # the completion printed by the CLI equals an in-process greedy generation with the same checkpoint
     model, tok, _ = load_moe_model(out)

@@ -47,10 +47,14 @@ def inspect_cmd(ckpt: str) -> None:
     rows = []
     for L, lay in sorted(spec.layers.items()):
         ranks = spec.slot_ranks(L)
-        rows.append((L, lay.n_slots, escape(", ".join(f"{sl.name}[{'+'.join(sl.members)}] r={sum(ranks[sl.name].values())}"
-                                                      for sl in lay.slots))))
-    out_console.print(table("Slots per layer (total rank over the layer's modules)",
-                            ["layers", "slots", escape("slot[members] rank")], layer_ranges(rows)))
+        cells = []
+        for sl in lay.slots:  # a slot named after its members ("a+b") needs no member list
+            members = "+".join(sl.members)
+            label = sl.name if sl.name == members else f"{sl.name}[{members}]"
+            cells.append(f"{label} r={sum(ranks[sl.name].values())}")
+        rows.append((L, lay.n_slots, escape("   ".join(cells))))
+    out_console.print(table("Slots per layer (slot = one expert or a merged cluster; r = total rank over the layer's modules)",
+                            ["layers", "slots", "slots and ranks"], layer_ranges(rows)))
     out_console.print(table("Files", ["file", "size", "sha256", "check"],
                             [(n, human_size(m["size"]), m["sha256"][:16], "[green]ok[/]") for n, m in sorted(s.files.items())]))
     if spec.metrics:
