@@ -66,3 +66,28 @@ def test_layer_ranges_collapses_only_consecutive_equal_rows():
     rows = [(0, 1, "a"), (1, 1, "a"), (2, 2, "a|b"), (3, 2, "a|b"), (4, 1, "a"), (6, 1, "a"), (7, 2, "a")]
     assert layer_ranges(rows) == [["0-1", 1, "a"], ["2-3", 2, "a|b"], ["4", 1, "a"], ["6", 1, "a"], ["7", 2, "a"]]
     assert layer_ranges([]) == []
+
+
+def test_progress_in_a_log_file_prints_a_line_every_tenth():
+    """A pipe or log cannot redraw bars: plain lines at 10%, 20%, ... and the final bar at the end."""
+    import io
+
+    from rich.console import Console
+
+    from mergekit_moe.cli._console import RichReporter
+
+    buf = io.StringIO()
+    with RichReporter(Console(file=buf, force_terminal=False, width=120)) as rep:
+        rep.start("train x", total=50)
+        for i in range(50):
+            rep.advance("train x", 1, loss=1.0 / (i + 1))
+        rep.finish("train x")
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.startswith("  train x: ")]
+    assert [ln.split()[2] for ln in lines] == [f"{k}/50" for k in range(5, 50, 5)], buf.getvalue()
+    assert "loss=" in lines[-1] and "50/50" in buf.getvalue()  # the final bar is written when the bars stop
+
+    term = io.StringIO()
+    with RichReporter(Console(file=term, force_terminal=True, width=120)) as rep:
+        rep.start("t", total=10)
+        rep.advance("t", 5)
+    assert "  t: " not in term.getvalue()  # a terminal only gets the live bar

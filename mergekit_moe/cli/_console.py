@@ -67,10 +67,20 @@ def quiet_libraries() -> None:
 
 
 class RichReporter:
-    """``progress.Reporter`` rendered as rich progress bars on stderr."""
+    """``progress.Reporter`` rendered as rich progress bars on stderr.
+
+    A terminal gets live bars. A pipe or log file cannot redraw, and rich only writes the bars when
+    they stop, so there a plain line is also written at every 10% of a task (every minute for a task
+    of unknown length): a 20-minute training run in a CI log shows it is moving.
+    """
+
+    #: seconds between plain progress lines for tasks without a total
+    LOG_EVERY_S = 60.0
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or err_console
+        self._plain = not self.console.is_terminal
+        self._logged: dict[str, tuple[int, float]] = {}  # task -> (last decile, time) of the last plain line
         self._progress = Progress(
             SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -101,6 +111,26 @@ class RichReporter:
             self.start(task)
         text = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
         self._progress.update(self._tasks[task], advance=n, metrics=text)
+        if self._plain:
+            self._log_line(task, text)
+
+    def _log_line(self, task: str, metrics: str) -> None:
+        t = self._progress.tasks[self._tasks[task]]
+        decile, last = self._logged.get(task, (0, t.start_time or time.monotonic()))
+        now = time.monotonic()
+        if t.total:
+            d = int(10 * t.completed / t.total)
+            if d <= decile or t.completed >= t.total:  # the final state is printed when the bars stop
+                return
+        elif now - last < self.LOG_EVERY_S:
+            return
+        else:
+            d = decile
+        self._logged[task] = (d, now)
+        of = f"/{t.total:g}" if t.total else ""
+        eta = f", eta {t.time_remaining:.0f}s" if t.total and t.time_remaining is not None else ""
+        self.console.print(f"  {task}: {t.completed:g}{of} ({t.elapsed or 0:.0f}s{eta}) {metrics}".rstrip(),
+                           highlight=False, markup=False)
 
     def finish(self, task: str) -> None:
         if task in self._tasks:
