@@ -265,9 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown systems {bad}")
 
-    from rich.console import Console
-
-    from mergekit_moe.cli._console import RichReporter, quiet_libraries
+    from mergekit_moe.cli._console import RichReporter, out_console, quiet_libraries
     from mergekit_moe.eval_data import load_eval_rows, reference_answers
     from mergekit_moe.eval_plots import comparison_plot
     from mergekit_moe.eval_target import load_target
@@ -276,8 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     from mergekit_moe.registry import Registry
 
     quiet_libraries()
-    # a log file gets the full table, not one cut to 80 columns
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = out_console  # a terminal's width; a log file gets the full table, not one cut to 80 columns
     recipe_path = quick_recipe(work) if args.quick else Path(args.recipe)
     recipe = load_recipe(recipe_path)
     registry = Registry()

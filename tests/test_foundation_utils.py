@@ -82,9 +82,13 @@ def test_progress_in_a_log_file_prints_a_line_every_tenth():
         for i in range(50):
             rep.advance("train x", 1, loss=1.0 / (i + 1))
         rep.finish("train x")
+        rep.start("train x", total=10)  # the same name again (e.g. one download per file): logs from 0% again
+        for _ in range(10):
+            rep.advance("train x", 1)
     lines = [ln for ln in buf.getvalue().splitlines() if ln.startswith("  train x: ")]
-    assert [ln.split()[2] for ln in lines] == [f"{k}/50" for k in range(5, 50, 5)], buf.getvalue()
-    assert "loss=" in lines[-1] and "50/50" in buf.getvalue()  # the final bar is written when the bars stop
+    expected = [f"{k}/50" for k in range(5, 50, 5)] + [f"{k}/10" for k in range(1, 10)]
+    assert [ln.split()[2] for ln in lines] == expected, buf.getvalue()
+    assert "loss=" in lines[8] and "50/50" in buf.getvalue()  # the final bar is written when the bars stop
 
     term = io.StringIO()
     with RichReporter(Console(file=term, force_terminal=True, width=120)) as rep:

@@ -11,7 +11,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 
-
 def _console(**kwargs) -> Console:
     """A terminal keeps its own width; a pipe or log file gets 120 columns instead of rich's 80, so tables and
     progress lines written to a log are not cut to ellipses (``COLUMNS`` still wins)."""
@@ -105,11 +104,12 @@ class RichReporter:
             self._progress.start()
             self._started = True
         self._tasks[task] = self._progress.add_task(task, total=total, metrics="")
+        self._logged.pop(task, None)  # a task started again under the same name logs from 0% again
 
     def advance(self, task: str, n: int = 1, **metrics) -> None:
         if task not in self._tasks:
             self.start(task)
-        text = "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        text = "  ".join(f"{k}={fmt_value(v)}" for k, v in metrics.items())
         self._progress.update(self._tasks[task], advance=n, metrics=text)
         if self._plain:
             self._log_line(task, text)
@@ -144,12 +144,6 @@ class RichReporter:
 
     def warn(self, message: str) -> None:
         self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:

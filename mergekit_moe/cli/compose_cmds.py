@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import click
 
+from ._console import err_console, layer_ranges, out_console, table
 from ._console import fmt_value as _fmt
 
-from ._console import err_console, layer_ranges, out_console, table
-
 _METHODS = ["moe", "linear", "ties", "dare_ties", "topk", "uniform"]
-
-
 
 
 def _plan_table(plan) -> None:

@@ -14,8 +14,6 @@ _ENDPOINT = click.option("--endpoint", envvar="HF_ENDPOINT", metavar="URL",
                          help="Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co).")
 
 
-
-
 @click.command("push")
 @click.argument("source", metavar="NAME|PATH")
 @click.argument("repo_id", metavar="ORG/REPO")

@@ -14,14 +14,9 @@ def _dtype(name: str | None):
 
 
 def _kv(title: str, rows):
-    from rich.table import Table
+    from ._console import kv_table
 
-    t = Table(title=title, title_justify="left", title_style="bold", show_header=False, box=None, padding=(0, 2))
-    t.add_column(style="bold cyan", no_wrap=True)
-    t.add_column(overflow="fold")
-    for k, v in rows:
-        t.add_row(k, str(v))
-    return t
+    return kv_table(title, [(k, str(v)) for k, v in rows])
 
 
 @click.command("inspect")

@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 import click
+from rich.markup import escape as esc  # user-supplied names/tags/paths must not be read as markup
 
 from ._console import kv_table as _kv_table
-from rich.markup import escape as esc  # user-supplied names/tags/paths must not be read as markup
 
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
 
@@ -38,8 +38,6 @@ def _fmt(v) -> str:
     if isinstance(v, (list, tuple)):
         return esc(", ".join(map(str, v)))
     return esc(str(v))
-
-
 
 
 def _adapter_summary(bundle) -> list[tuple[str, str]]:

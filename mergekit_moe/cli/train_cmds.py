@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ._console import fmt_value as _fmt
-
 from ._console import err_console, out_console, table
-
-
+from ._console import fmt_value as _fmt
 
 
 def _results_table(results) -> None:
